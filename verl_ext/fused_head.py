@@ -201,3 +201,39 @@ def reference_log_probs_entropy(
     logits = (hidden.to(acc) @ weight.to(acc).T) / temperature
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def fused_policy_divergence(
+    hidden_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token KL(p || q), entropy of p and entropy of q for two heads on the same tokens (no grad).
+
+    ``p = softmax(hidden_p W^T / T)`` and ``q = softmax(hidden_q W^T / T)``; e.g. ``hidden_p`` the raw
+    H^{k+1} (internal policy) and ``hidden_q`` the final-normed last layer (full policy). Chunked over
+    tokens with float32 accumulation; memory O(chunk_size x vocab).
+
+    Returns:
+        ``(kl_pq, entropy_p, entropy_q)``, float32, shaped ``hidden_p.shape[:-1]``.
+    """
+    if hidden_p.shape != hidden_q.shape:
+        raise ValueError(f"hidden shapes differ: {tuple(hidden_p.shape)} vs {tuple(hidden_q.shape)}")
+    lead = hidden_p.shape[:-1]
+    hp = hidden_p.reshape(-1, hidden_p.shape[-1])
+    hq = hidden_q.reshape(-1, hidden_q.shape[-1])
+    acc = _acc_dtype(hidden_p, weight)
+    w = weight.to(acc)
+    outs = [torch.empty(hp.shape[0], dtype=acc, device=hp.device) for _ in range(3)]
+    for start in range(0, hp.shape[0], chunk_size):
+        end = min(start + chunk_size, hp.shape[0])
+        logp = torch.log_softmax((hp[start:end].to(acc) @ w.T) / temperature, dim=-1)
+        logq = torch.log_softmax((hq[start:end].to(acc) @ w.T) / temperature, dim=-1)
+        p = logp.exp()
+        outs[0][start:end] = (p * (logp - logq)).sum(-1)
+        outs[1][start:end] = -(p * logp).sum(-1)
+        outs[2][start:end] = -(logq.exp() * logq).sum(-1)
+    return tuple(o.float().reshape(lead) for o in outs)

@@ -9,9 +9,12 @@ run nor receive gradients.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from verl_ext.fused_head import DEFAULT_CHUNK_SIZE, fused_log_probs_entropy
 from verl_ext.slicing import exit_after_layer, find_decoder, unwrap_model
@@ -90,3 +93,156 @@ def internal_log_probs(
         log_probs = log_probs.masked_fill(~valid, 0.0)
         entropy = entropy.masked_fill(~valid, 0.0)
     return log_probs, entropy
+
+
+@contextlib.contextmanager
+def override_forward(module: nn.Module, forward) -> Iterator[None]:
+    """Set ``module.forward`` on this instance only, restoring whatever was there on exit."""
+    had = "forward" in module.__dict__
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = saved
+        else:
+            del module.forward
+
+
+@dataclass
+class InternalPolicyOutput(ModelOutput):
+    """Output of a causal LM under :func:`internal_policy_forward` (the fields verl's fused path reads)."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def call_head(model: nn.Module, fn, hidden: torch.Tensor):
+    """Call ``fn(hidden, weight)`` *as the forward of the LM head module*.
+
+    Going through the head module's ``__call__`` lets an FSDP wrapper of the head unshard its weight
+    for the call (and for backward), exactly as for the normal ``lm_head(hidden)``; ``fn`` sees the
+    full ``[V, H]`` weight. The head module is restored afterwards.
+    """
+    head = unwrap_model(model).get_output_embeddings()
+    with override_forward(head, lambda h: fn(h, head.weight)):
+        return head(hidden)
+
+
+@contextlib.contextmanager
+def internal_policy_forward(
+    model: nn.Module,
+    layer: int,
+    final_norm: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
+) -> Iterator[None]:
+    """Make the model's own forward return pi^{layer+1} log-probs and entropies through the fused head.
+
+    Inside the context, calling ``model(input_ids, attention_mask=None, position_ids=None,
+    temperature=1.0, shift_labels=None, **kw)`` (the top-level module, possibly FSDP/PEFT wrapped)
+    runs decoder layers ``0..layer`` only (:func:`~verl_ext.slicing.exit_after_layer`) and returns an
+    :class:`InternalPolicyOutput` whose ``log_probs[..., t]`` is ``log pi^k(shift_labels[..., t])``
+    (``shift_labels`` defaults to ``input_ids`` rolled left by one, as in verl's fused forward) and
+    whose ``entropy`` is the entropy of ``softmax(H^{k+1} E_u^T / temperature)``, both float32. This
+    is the contract of verl's ``use_fused_kernels`` forward, so verl's engine reads the result
+    unchanged. No [tokens x vocab] tensor is created.
+
+    Args:
+        model: the causal LM (the module verl's engine calls).
+        layer: 0-based decoder index k (paper layer k+1).
+        final_norm: apply the final norm to H^{k+1} (logit lens); False is the paper's pi^k.
+        chunk_size: token rows per chunk of the fused head.
+        backend: fused-head backend (``auto`` uses verl's Triton kernel on CUDA).
+    """
+    decoder = find_decoder(model)
+
+    def forward(
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        temperature: float = 1.0,
+        shift_labels=None,
+        labels=None,
+        return_dict=True,
+        use_cache=False,
+        **kwargs,
+    ):
+        if isinstance(temperature, torch.Tensor):
+            raise ValueError("the internal-policy forward needs one scalar temperature per micro-batch")
+        for key in ("output_hidden_states", "output_attentions", "logits_to_keep", "cache_position"):
+            kwargs.pop(key, None)
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if shift_labels is None:
+            source = labels if labels is not None else input_ids
+            shift_labels = torch.roll(source, shifts=-1, dims=-1)
+        log_probs, entropy = call_head(
+            model,
+            lambda h, w: fused_log_probs_entropy(
+                h, w, shift_labels, temperature=float(temperature), chunk_size=chunk_size, backend=backend
+            ),
+            hidden,
+        )
+        return InternalPolicyOutput(log_probs=log_probs, entropy=entropy)
+
+    with exit_after_layer(model, layer, final_norm=final_norm), override_forward(unwrap_model(model), forward):
+        yield
+
+
+@contextlib.contextmanager
+def policy_divergence_forward(
+    model: nn.Module, layer: int, final_norm: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[None]:
+    """Make the model's forward return KL(pi^{layer+1} || pi) and the full policy's entropy per token.
+
+    A diagnostic for phase 1: one full-depth forward, the raw output of ``model.layers[layer]``
+    captured by a hook on the way, both heads evaluated chunk by chunk (no grad, no [tokens x vocab]).
+    Inside the context ``model(input_ids, ..., temperature=T)`` returns an
+    :class:`InternalPolicyOutput` whose ``log_probs`` field holds KL(pi^k || pi) and whose
+    ``entropy`` field holds the full policy's entropy (verl's fused contract, so verl packs and
+    unpads them like log-probs).
+
+    Args:
+        model: the causal LM (possibly wrapped).
+        layer: 0-based decoder index k.
+        final_norm: whether pi^k applies the final norm (as in training).
+        chunk_size: token rows per chunk.
+    """
+    from verl_ext.fused_head import fused_policy_divergence
+
+    decoder = find_decoder(model)
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, temperature=1.0, **kwargs):
+        for key in ("shift_labels", "labels", "return_dict", "use_cache", "output_hidden_states", "logits_to_keep"):
+            kwargs.pop(key, None)
+        captured.clear()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        inner = captured[-1]
+        if final_norm:
+            inner = decoder.norm(inner)
+        kl, _, ent_full = call_head(
+            model,
+            lambda h, w: fused_policy_divergence(inner, h, w, temperature=float(temperature), chunk_size=chunk_size),
+            final,
+        )
+        return InternalPolicyOutput(log_probs=kl, entropy=ent_full)
+
+    handle = decoder.layers[layer].register_forward_hook(hook)
+    try:
+        with override_forward(unwrap_model(model), forward):
+            yield
+    finally:
+        handle.remove()

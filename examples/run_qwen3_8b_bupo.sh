@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# BuPO on Qwen3-8B: internal policy pi^6 (0-based layer 5) for 20 steps, then GRPO; responses up to 8192 tokens.
+#
+#   bash examples/run_qwen3_8b_bupo.sh [hydra overrides...]      # e.g. trainer.total_training_steps=10
+#   bash examples/run_qwen3_8b_bupo.sh --cfg job                  # print the composed config, start nothing
+#
+# Paper settings (spec section 3): 8 GPUs, lr 1e-6, 128 prompts x 8 samples, mini-batch 32,
+# 300 steps, validation with sampling (Avg@16). Paths: see examples/_common.sh.
+source "$(dirname "$0")/_common.sh"
+run_recipe qwen3_8b qwen3  "$@"

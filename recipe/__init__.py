@@ -1,0 +1,1 @@
+"""Recipes (thin Hydra entry points and YAML) of the BuPO plugin."""

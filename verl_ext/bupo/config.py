@@ -1,0 +1,259 @@
+"""The ``bupo:`` config block and the start-up checks that reject a run whose phase 1 would be wrong.
+
+Every check names the offending key and the fix, and runs before Ray starts
+(:func:`validate_config`, called by ``recipe/bupo/main_bupo.py``) and again in the trainer.
+Layer indices are **0-based** decoder indices k (paper layer k+1) everywhere in this block.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from verl_ext.bupo.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+TRAINER_NAME = "bupo_sync"
+LOSS_NAME = "bupo"
+
+
+class BuPOConfigError(ValueError):
+    """A configuration that would make BuPO's phase 1 wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class BuPOConfig:
+    """The ``bupo:`` block (see ``recipe/bupo/config/bupo_trainer.yaml`` for the documented YAML).
+
+    Attributes:
+        enable: train internal policies at all (False = plain GRPO through the same recipe).
+        internal_layer: 0-based decoder index k of pi^{k+1} (paper layer = k+1).
+        internal_steps: s_inter; phase 1 covers global steps 1..s_inter (steps count from 1).
+        final_norm: apply the final norm to H^{k+1} (logit lens); False is the paper's definition.
+        schedule: optional bottom-up schedule, a list of ``{layer, steps}`` replacing the two above.
+        self_test: run the slicing self-test on the real model when the actor is built.
+        head_chunk_size: token rows per chunk of the fused head (chunked backend).
+        full_policy_metrics_freq: every N steps of phase 1, log the full policy's entropy and
+            KL(pi^k || pi) on a sub-sample (0 = never).
+        full_policy_metrics_samples: sub-sample size (responses) for those metrics.
+        layer_entropy_freq: every N steps log the per-layer entropy profile (0 = never).
+        layer_entropy_samples: sub-sample size (responses) for the profile.
+    """
+
+    enable: bool = True
+    internal_layer: int | None = None
+    internal_steps: int = 0
+    final_norm: bool = False
+    schedule: tuple = ()
+    self_test: bool = True
+    head_chunk_size: int = 1024
+    full_policy_metrics_freq: int = 10
+    full_policy_metrics_samples: int = 16
+    layer_entropy_freq: int = 0
+    layer_entropy_samples: int = 16
+    _schedule: Schedule = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, block: Any) -> BuPOConfig:
+        """Build from the ``bupo`` DictConfig/dict, rejecting unknown keys and bad values."""
+        if block is None:
+            block = {}
+        data = _to_container(block)
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BuPOConfigError(f"unknown key(s) bupo.{', bupo.'.join(unknown)}; valid keys: {sorted(known)}")
+        for key in ("internal_steps", "head_chunk_size", "full_policy_metrics_freq", "layer_entropy_freq"):
+            val = data.get(key, getattr(cls, key))
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise BuPOConfigError(f"bupo.{key} must be an integer >= 0, got {val!r}")
+        if data.get("head_chunk_size", 1) == 0:
+            raise BuPOConfigError("bupo.head_chunk_size must be > 0")
+        layer = data.get("internal_layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+            raise BuPOConfigError(
+                f"bupo.internal_layer must be a 0-based decoder index >= 0 (paper layer - 1), got {layer!r}"
+            )
+        data["schedule"] = tuple(data.get("schedule") or ())
+        cfg = cls(**data)
+        if cfg.enable:
+            try:
+                sched = Schedule.from_config(cfg.internal_layer, cfg.internal_steps, cfg.schedule)
+            except ValueError as e:
+                raise BuPOConfigError(f"bupo.schedule / bupo.internal_*: {e}") from e
+        else:
+            sched = Schedule([])
+        object.__setattr__(cfg, "_schedule", sched)
+        return cfg
+
+    @property
+    def schedule_obj(self) -> Schedule:
+        """The :class:`Schedule` this block describes (empty when ``enable`` is False)."""
+        return self._schedule
+
+    @property
+    def phase1_active(self) -> bool:
+        """True when at least one step trains an internal policy."""
+        return self.schedule_obj.total_steps > 0
+
+
+def _to_container(block: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(block, DictConfig):
+            return OmegaConf.to_container(block, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(copy.deepcopy(block))
+
+
+def _get(config: Any, dotted: str, default: Any = None) -> Any:
+    node = config
+    for part in dotted.split("."):
+        if node is None:
+            return default
+        try:
+            node = node.get(part, None) if hasattr(node, "get") else getattr(node, part, None)
+        except Exception:
+            return default
+    return default if node is None else node
+
+
+def check_layers(bupo: BuPOConfig, num_layers: int) -> None:
+    """Reject exit layers outside ``0..num_layers-1`` (0-based), naming the key and the valid range."""
+    for i, st in enumerate(bupo.schedule_obj.stages):
+        if not 0 <= st.layer < num_layers:
+            key = f"bupo.schedule[{i}].layer" if bupo.schedule else "bupo.internal_layer"
+            raise BuPOConfigError(
+                f"{key}={st.layer} is outside the model's range: it is a 0-based decoder index and this "
+                f"model has {num_layers} layers, so valid values are 0..{num_layers - 1} (paper layer = "
+                f"index + 1; e.g. the paper's pi^6 is internal_layer=5)"
+            )
+
+
+def check_verl_config(config: Any, bupo: BuPOConfig) -> None:
+    """Reject verl settings that would make phase 1 wrong (only when phase 1 is active).
+
+    Args:
+        config: the whole composed verl config (DictConfig or nested dicts).
+        bupo: the parsed ``bupo`` block.
+    """
+    errors: list[str] = []
+    if _get(config, "trainer.use_v1", True) is not True:
+        errors.append("trainer.use_v1=false: BuPO plugs into verl's V1 trainer; set trainer.use_v1=true")
+    mode = _get(config, "trainer.v1.trainer_mode")
+    if mode not in (TRAINER_NAME, "sync"):
+        errors.append(f"trainer.v1.trainer_mode={mode}: BuPO needs trainer.v1.trainer_mode={TRAINER_NAME}")
+    strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    if strategy not in ("fsdp", "fsdp2"):
+        errors.append(f"actor_rollout_ref.actor.strategy={strategy}: BuPO supports fsdp and fsdp2 only")
+    if _get(config, "algorithm.adv_estimator") == "grpo" and (_get(config, "actor_rollout_ref.rollout.n", 1) < 2):
+        errors.append("actor_rollout_ref.rollout.n < 2 with GRPO: every advantage would be 0; use n >= 2 (paper: 8)")
+    if bupo.phase1_active:
+        rc = "algorithm.rollout_correction"
+        why = "phase 1 compares pi^k with pi^k_old; ratios against the full-policy rollout are meaningless"
+        if _get(config, f"{rc}.bypass_mode", False):
+            errors.append(f"{rc}.bypass_mode=true: {why}. Set {rc}.bypass_mode=false")
+        for key in ("rollout_is", "rollout_rs"):
+            if _get(config, f"{rc}.{key}") is not None:
+                errors.append(f"{rc}.{key}={_get(config, f'{rc}.{key}')}: {why}. Set {rc}.{key}=null")
+        kl_why = "it would mix pi^k with the full-depth reference (the paper trains without KL)"
+        if _get(config, "actor_rollout_ref.actor.use_kl_loss", False):
+            errors.append(f"actor_rollout_ref.actor.use_kl_loss=true during phase 1: {kl_why}. Set it to false")
+        if _get(config, "algorithm.use_kl_in_reward", False):
+            errors.append(f"algorithm.use_kl_in_reward=true during phase 1: {kl_why}. Set it to false")
+        for role in ("actor",):
+            key = f"actor_rollout_ref.{role}.fsdp_config.forward_prefetch"
+            if _get(config, key, False):
+                errors.append(f"{key}=true: it prefetches layer k+1, which never runs in phase 1. Set it to false")
+        if _get(config, "actor_rollout_ref.model.enable_activation_offload", False):
+            errors.append(
+                "actor_rollout_ref.model.enable_activation_offload=true: verl's offload assumes all layers run. "
+                "Set it to false (gradient checkpointing is enough: only k+1 layers hold activations)"
+            )
+        if _get(config, "actor_rollout_ref.actor.calculate_sum_pi_squared", False):
+            errors.append("actor_rollout_ref.actor.calculate_sum_pi_squared=true: needs full logits; set it to false")
+    if errors:
+        raise BuPOConfigError("BuPO config rejected:\n  - " + "\n  - ".join(errors))
+
+
+SHRINK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=128,
+    num_hidden_layers=3,
+)
+
+
+def architecture_self_test(hf_config: Any) -> None:
+    """Build a tiny random model of ``hf_config``'s architecture and run the slicing self-test on it.
+
+    Raises:
+        BuPOConfigError: the architecture's forward does not slice (or cannot be built).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verl_ext.slicing import SlicingError, check_slicing
+
+    tiny = copy.deepcopy(hf_config)
+    for key, val in SHRINK.items():
+        if hasattr(tiny, key):
+            setattr(tiny, key, val)
+    if getattr(tiny, "layer_types", None) is not None:
+        tiny.layer_types = list(tiny.layer_types)[: SHRINK["num_hidden_layers"]]
+    tiny._attn_implementation = "eager"
+    arch = getattr(hf_config, "model_type", type(hf_config).__name__)
+    try:
+        with torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(tiny).float().eval()
+    except Exception as e:
+        raise BuPOConfigError(f"cannot build a tiny {arch} model for the slicing self-test: {e}") from e
+    try:
+        check_slicing(model)
+    except SlicingError as e:
+        raise BuPOConfigError(
+            f"actor_rollout_ref.model.path: architecture {arch!r} fails the slicing self-test: {e}"
+        ) from e
+
+
+def load_hf_config(config: Any):
+    """The Hugging Face config of ``actor_rollout_ref.model.path`` (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    path = _get(config, "actor_rollout_ref.model.path")
+    trust = bool(_get(config, "actor_rollout_ref.model.trust_remote_code", False))
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust)
+
+
+def validate_config(config: Any, hf_config: Any = None, self_test: bool = True) -> BuPOConfig:
+    """All start-up checks for a BuPO run; returns the parsed ``bupo`` block.
+
+    Args:
+        config: the composed verl + bupo config.
+        hf_config: the model's Hugging Face config; loaded from ``actor_rollout_ref.model.path``
+            when None. If it cannot be loaded (e.g. offline), the layer-range check moves to the
+            worker, which runs it on the real model before any rollout.
+        self_test: run :func:`architecture_self_test` on a tiny copy of the architecture.
+    """
+    bupo = BuPOConfig.from_dict(_get(config, "bupo"))
+    check_verl_config(config, bupo)
+    if not bupo.phase1_active:
+        return bupo
+    if hf_config is None:
+        try:
+            hf_config = load_hf_config(config)
+        except Exception as e:  # offline driver: the worker checks again on the real model
+            logger.warning("BuPO: could not read the model config at start-up (%s); checking in the worker", e)
+            return bupo
+    check_layers(bupo, int(hf_config.num_hidden_layers))
+    if self_test:
+        architecture_self_test(hf_config)
+    return bupo
