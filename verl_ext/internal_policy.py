@@ -228,7 +228,9 @@ def policy_divergence_forward(
         for key in ("shift_labels", "labels", "return_dict", "use_cache", "output_hidden_states", "logits_to_keep"):
             kwargs.pop(key, None)
         captured.clear()
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        out = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        )
         final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         inner = captured[-1]
         if final_norm:

@@ -67,7 +67,7 @@ def compute_policy_loss_bupo(
 
     Returns:
         ``(loss, metrics)``; metrics include ``actor/pg_clipfrac``, ``actor/ppo_kl``,
-        ``actor/pg_clipfrac_lower``, ``bupo/phase`` (1 or 2) and ``bupo/exit_layer``.
+        ``actor/pg_clipfrac_lower`` and ``bupo/phase`` (1 or 2; the engine adds ``bupo/exit_layer``).
     """
     if config is None:
         raise ValueError("the bupo policy loss needs the actor config")
@@ -103,6 +103,5 @@ def compute_policy_loss_bupo(
             ((ppo_obj > -advantages * c) & negative).float(), response_mask
         ).item(),
         "bupo/phase": 1.0 if layer != FULL_POLICY else 2.0,
-        "bupo/exit_layer": float(layer),
     }
     return loss, metrics

@@ -27,10 +27,15 @@ from verl_ext.slicing import check_slicing
 logger = logging.getLogger(__name__)
 
 
-def _as_list(value) -> list:
+def _numbers(value) -> list[float]:
+    """Flatten a metric value (number, verl ``Metric``, or nested lists of them) to floats."""
     if value is None:
         return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    if hasattr(value, "values") and hasattr(value, "aggregate"):  # verl Metric
+        return _numbers(list(value.values))
+    return [float(value)]
 
 
 class BuPOTrainingWorker(TrainingWorker):
@@ -68,7 +73,7 @@ class BuPOTrainingWorker(TrainingWorker):
         return part / full if full else float("nan")
 
     def _postprocess_output(self, output, *, global_token_num, delta_time, forward_only, images_seqlens):
-        layers = _as_list(output.get("metrics", {}).get("bupo/exit_layer"))
+        layers = _numbers(output.get("metrics", {}).get("bupo/exit_layer"))
         final = super()._postprocess_output(
             output,
             global_token_num=global_token_num,
@@ -111,21 +116,21 @@ class BuPOActorRolloutRefWorker(ActorRolloutRefWorker):
 
 def _reduce_response_means(training_worker: TrainingWorker, data, fields: dict[str, str]):
     """Run ``infer_batch`` and average the named per-token outputs over response tokens, DP-wide."""
-    from verl.workers.utils.padding import response_from_nested
+    from verl.workers.utils.padding import no_padding_2_padding
 
     if tu.get_non_tensor_data(data=data, key=DIAGNOSE_KEY, default=None) is None:
         raise ValueError(f"{DIAGNOSE_KEY} must be set for a diagnostics call")
     tu.assign_non_tensor(data, **{EXIT_LAYER_KEY: FULL_POLICY, "calculate_entropy": True, "compute_loss": False})
     response_mask = data["response_mask"]
+    mask = (response_mask.to_padded_tensor(0) if response_mask.is_nested else response_mask).double()
     out = training_worker.infer_batch(data)
     engine = training_worker.engine
     sums = torch.zeros(len(fields) + 1, dtype=torch.float64)
     if out is not None:
-        mask = response_mask.float()
         for i, key in enumerate(fields):
-            vals = response_from_nested(out[key], response_mask).float()
-            sums[i] = (vals * mask).sum().double()
-        sums[-1] = mask.sum().double()
+            vals = no_padding_2_padding(out[key], data).double()[:, : mask.shape[1]]
+            sums[i] = (vals * mask[:, : vals.shape[1]]).sum()
+        sums[-1] = mask.sum()
     if torch.distributed.is_initialized():
         sums = sums.to(get_device_name())
         torch.distributed.all_reduce(sums, group=engine.get_data_parallel_group())

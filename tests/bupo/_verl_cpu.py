@@ -1,0 +1,220 @@
+"""Run verl 0.9.1's real FSDP engine on CPU (gloo, FSDP2): a test-only platform shim and builders.
+
+verl's own CPU tests stub the device lookups; this goes one step further (as in
+shared/docs/verl-seams.md): a CPU platform registered with verl's PlatformRegistry, gloo process
+group initialised first, engine lookup pinned to the CUDA FSDP engine class, fp32 params. Test code
+only: never imported by the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from functools import partial
+
+import torch
+
+os.environ["VERL_PLATFORM"] = "cpu"
+os.environ["VERL_ENGINE_DEVICE"] = "cuda"
+os.environ["VERL_ENGINE_VENDOR"] = "nvidia"
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from verl.plugin.platform import PlatformRegistry  # noqa: E402
+from verl.plugin.platform.platform_cuda import PlatformCUDA  # noqa: E402
+
+_cpu = types.SimpleNamespace(**{k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")})
+for _n in ("max_memory_allocated", "max_memory_reserved", "memory_allocated", "memory_reserved"):
+    setattr(_cpu, _n, lambda *a, **k: 0)
+for _n in ("empty_cache", "reset_peak_memory_stats", "ipc_collect", "manual_seed", "manual_seed_all", "synchronize"):
+    setattr(_cpu, _n, lambda *a, **k: None)
+_cpu.mem_get_info = lambda *a, **k: (0, 0)
+_cpu.is_available = lambda: True
+_cpu.current_device = lambda: "cpu"
+_cpu.device_count = lambda: 1
+_cpu.get_device_name = lambda *a, **k: "CPU"
+
+
+if "cpu" not in getattr(PlatformRegistry, "_registry", {}):
+
+    @PlatformRegistry.register(platform="cpu")
+    class PlatformCPU(PlatformCUDA):
+        device_name = property(lambda self: "cpu")
+        vendor_name = property(lambda self: "cpu")
+        device_module = property(lambda self: _cpu)
+
+        def is_available(self):
+            return True
+
+        def is_platform_available(self, use_smi_check=False):
+            return True
+
+        def current_device(self):
+            return "cpu"
+
+        def device_count(self):
+            return 1
+
+        def set_device(self, i):
+            pass
+
+        def synchronize(self, i=None):
+            pass
+
+        def manual_seed(self, s):
+            torch.manual_seed(s)
+
+        def manual_seed_all(self, s):
+            torch.manual_seed(s)
+
+        def set_allocator_settings(self, s):
+            pass
+
+        def empty_cache(self):
+            pass
+
+        def get_device_capability(self, i=0):
+            return (None, None)
+
+        def communication_backend_name(self):
+            return "gloo"
+
+        def ray_resource_name(self):
+            return "CPU"
+
+        def ray_resource_options(self, num_gpus):
+            return {"num_cpus": 1}
+
+        def is_ipc_supported(self):
+            return False
+
+        def rollout_env_vars(self):
+            return {}
+
+        def get_collective_module(self):
+            return None
+
+        @contextlib.contextmanager
+        def nvtx_range(self, msg):
+            yield
+
+        def profiler_start(self):
+            pass
+
+        def profiler_stop(self):
+            pass
+
+        def get_device_uuid(self, d):
+            return "cpu"
+
+        def cudart(self):
+            return None
+
+
+def init_gloo(rank: int = 0, world_size: int = 1, init_file: str | None = None) -> None:
+    """Initialise a gloo process group (verl then skips its own NCCL initialisation)."""
+    import tempfile
+
+    if torch.distributed.is_initialized():
+        return
+    # verl's Worker reads these even when the process group already exists.
+    os.environ.update(
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29599"),
+    )
+    init_file = init_file or tempfile.mktemp(prefix="gloo_")
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+
+
+def compose(model_path: str, overrides: list[str] = ()):
+    """Compose the BuPO recipe config for a tiny local model on CPU (fp32, FSDP2, sdpa)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import REPO_ROOT  # type: ignore[import-not-found]
+
+    base = [
+        f"actor_rollout_ref.model.path={model_path}",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+        "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
+        "actor_rollout_ref.actor.use_torch_compile=false",
+        "actor_rollout_ref.actor.use_dynamic_bsz=false",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=false",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.n=2",
+        "actor_rollout_ref.actor.optim.lr=1e-2",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=false",
+        "trainer.n_gpus_per_node=1",
+    ]
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "recipe/bupo/config"), version_base=None):
+        return hydra_compose("bupo_trainer", overrides=base + list(overrides))
+
+
+def build_actor(config, worker_cls=None):
+    """Build the actor TrainingWorker as ``ActorRolloutRefWorker.init_model`` does (no Ray)."""
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config import TrainingWorkerConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    if worker_cls is None:
+        from verl_ext.bupo.worker import BuPOTrainingWorker as worker_cls
+
+    model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+    actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    actor_config.model_config = model_config
+    cfg = TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=model_config,
+        engine_config=actor_config.engine,
+        optimizer_config=actor_config.optim,
+        checkpoint_config=actor_config.checkpoint,
+    )
+    cfg.engine_config.use_dynamic_bsz = False
+    cfg.engine_config.infer_micro_batch_size_per_gpu = 2
+    cfg.engine_config.micro_batch_size_per_gpu = 2
+    cfg.engine_config.use_remove_padding = model_config.get("use_remove_padding", False)
+    worker = worker_cls(config=cfg)
+    worker.reset()
+    worker.set_loss_fn(partial(ppo_loss, config=actor_config))
+    return worker, actor_config
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0):
+    """A verl left/right-padded batch (prompts left-padded, responses right-padded) as a TensorDict."""
+    from tensordict import TensorDict
+
+    P = max(len(p) for p in prompts)
+    R = max(len(r) for r in responses)
+    B = len(prompts)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, P + R, dtype=torch.long)
+    response_mask = torch.zeros(B, R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p)
+        input_ids[i, P : P + len(r)] = torch.tensor(r)
+        attention[i, P - len(p) : P + len(r)] = 1
+        response_mask[i, : len(r)] = 1
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return TensorDict(
+        {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "position_ids": position_ids,
+            "prompts": input_ids[:, :P],
+            "responses": input_ids[:, P:],
+            "response_mask": response_mask,
+        },
+        batch_size=[B],
+    )
