@@ -20,9 +20,9 @@ def main(config) -> None:
     from verl_ext.bupo.config import validate_config
     from verl_ext.bupo.runner import BuPOTaskRunner
 
-    auto_set_device(config)
     bupo = validate_config(config)  # fails here, before Ray starts, with the key and the fix
     print(f"BuPO schedule: {bupo.schedule_obj.describe()}")
+    auto_set_device(config)
     verl_validate_config(
         config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
     )

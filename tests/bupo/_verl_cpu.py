@@ -12,8 +12,11 @@ import contextlib
 import os
 import types
 from functools import partial
+from pathlib import Path
 
 import torch
+
+RECIPE_CONFIG = Path(__file__).resolve().parents[2] / "recipe" / "bupo" / "config"
 
 os.environ["VERL_PLATFORM"] = "cpu"
 os.environ["VERL_ENGINE_DEVICE"] = "cuda"
@@ -138,8 +141,6 @@ def compose(model_path: str, overrides: list[str] = ()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from conftest import REPO_ROOT  # type: ignore[import-not-found]
-
     base = [
         f"actor_rollout_ref.model.path={model_path}",
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
@@ -158,7 +159,7 @@ def compose(model_path: str, overrides: list[str] = ()):
         "actor_rollout_ref.model.enable_gradient_checkpointing=false",
         "trainer.n_gpus_per_node=1",
     ]
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "recipe/bupo/config"), version_base=None):
+    with initialize_config_dir(config_dir=str(RECIPE_CONFIG), version_base=None):
         return hydra_compose("bupo_trainer", overrides=base + list(overrides))
 
 

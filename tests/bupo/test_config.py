@@ -1,0 +1,98 @@
+"""Start-up validation: every setting that would make phase 1 wrong fails with the key and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from transformers import GPT2Config, LlamaConfig, Qwen3Config
+
+from verl_ext.bupo.config import BuPOConfig, BuPOConfigError, validate_config
+
+from _verl_cpu import RECIPE_CONFIG  # noqa: I001
+
+QWEN3_4B = Qwen3Config(num_hidden_layers=36, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=128)
+
+
+def _cfg(*overrides: str, preset: str = "qwen3_4b"):
+    with initialize_config_dir(config_dir=str(RECIPE_CONFIG), version_base=None):
+        return compose("bupo_trainer", overrides=[f"preset={preset}", *overrides])
+
+
+def test_paper_preset_is_valid():
+    bupo = validate_config(_cfg(), hf_config=QWEN3_4B)
+    assert (bupo.internal_layer, bupo.internal_steps, bupo.final_norm) == (5, 30, False)
+    assert bupo.schedule_obj.layer_at(30) == 5 and bupo.schedule_obj.layer_at(31) == -1
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("bupo.internal_layer=36", "bupo.internal_layer=36 is outside the model's range"),
+        ("bupo.internal_steps=-1", "bupo.internal_steps must be an integer >= 0"),
+        ("bupo.internal_layer=-2", "bupo.internal_layer must be a 0-based"),
+        ("+bupo.internal_layr=3", "unknown key(s) bupo.internal_layr"),
+        ("bupo.schedule=[{layer:5,steps:10},{layer:40,steps:5}]", "bupo.schedule[1].layer=40"),
+        ("algorithm.rollout_correction.bypass_mode=true", "algorithm.rollout_correction.bypass_mode=true"),
+        ("algorithm.rollout_correction.rollout_is=token", "Set algorithm.rollout_correction.rollout_is=null"),
+        ("algorithm.rollout_correction.rollout_rs=token_k1", "Set algorithm.rollout_correction.rollout_rs=null"),
+        ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss=true during phase 1"),
+        ("algorithm.use_kl_in_reward=true", "algorithm.use_kl_in_reward=true during phase 1"),
+        ("actor_rollout_ref.actor.fsdp_config.forward_prefetch=true", "forward_prefetch=true"),
+        ("actor_rollout_ref.model.enable_activation_offload=true", "enable_activation_offload=true"),
+        ("trainer.use_v1=false", "trainer.use_v1=false"),
+        ("trainer.v1.trainer_mode=separate_async", "trainer.v1.trainer_mode=separate_async"),
+        ("actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.n < 2"),
+    ],
+)
+def test_rejections_name_key_and_fix(override, key):
+    with pytest.raises(BuPOConfigError) as err:
+        validate_config(_cfg(override), hf_config=QWEN3_4B)
+    assert key in str(err.value)
+
+
+def test_range_message_names_valid_range():
+    with pytest.raises(BuPOConfigError, match=r"valid values are 0\.\.35"):
+        validate_config(_cfg("bupo.internal_layer=36"), hf_config=QWEN3_4B)
+
+
+def test_kl_and_rollout_correction_allowed_without_phase1():
+    cfg = _cfg("bupo.enable=false", "actor_rollout_ref.actor.use_kl_loss=true", "algorithm.rollout_correction.rollout_is=token")
+    assert not validate_config(cfg, hf_config=QWEN3_4B).phase1_active
+
+
+def test_unsupported_architecture_fails_self_test():
+    gpt2 = GPT2Config(n_layer=36, n_embd=64, n_head=4, vocab_size=128)
+    gpt2.num_hidden_layers = 36
+    with pytest.raises(BuPOConfigError, match="slicing self-test"):
+        validate_config(_cfg(), hf_config=gpt2)
+
+
+@pytest.mark.parametrize("cfg", [QWEN3_4B, LlamaConfig(num_hidden_layers=36, hidden_size=64, intermediate_size=128,
+                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)])
+def test_supported_architectures_pass_self_test(cfg):
+    validate_config(_cfg(), hf_config=cfg)
+
+
+def test_bupo_block_defaults():
+    assert BuPOConfig.from_dict(None).final_norm is False
+    assert not BuPOConfig.from_dict({"internal_layer": 3}).phase1_active
+
+
+def test_entry_point_fails_before_ray(tiny_model_dir, tmp_path):
+    """main_bupo reads the local model's config.json and stops with the key before starting Ray."""
+    path, _ = tiny_model_dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipe.bupo.main_bupo", "preset=qwen3_4b", f"actor_rollout_ref.model.path={path}",
+         "bupo.internal_layer=4", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=RECIPE_CONFIG.parents[2], env=env,
+    )
+    assert proc.returncode != 0
+    assert "bupo.internal_layer=4 is outside the model's range" in proc.stderr
+    assert "valid values are 0..3" in proc.stderr
+    assert "ray init" not in proc.stdout
