@@ -169,3 +169,19 @@ def test_phase1_update_changes_only_lower_layers_then_phase2_changes_all(verl_cp
     after2 = _snapshot(worker)
     unchanged = [k for k in before if torch.equal(after1[k], after2[k])]
     assert not unchanged, f"phase 2 left {unchanged} unchanged"
+
+
+def test_layer_entropy_telemetry_matches_analysis_on_plain_model(verl_cpu, actor):
+    """The worker-side profile (sharded module, no-padding batch) equals the library on the HF model."""
+    from verl_ext.analysis import layer_entropy_profile, response_token_mask
+    from verl_ext.bupo.telemetry import layer_entropy_metrics
+
+    worker, model = actor
+    batch, td = _packed(verl_cpu, {})
+    metrics = layer_entropy_metrics(worker, td)["metrics"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = response_token_mask(batch["response_mask"], ids.shape[1])
+    ref = layer_entropy_profile(model, ids, mask, rows)
+    assert set(metrics) == set(ref) and len(ref) == 5 * 4
+    for key in ref:
+        assert metrics[key] == pytest.approx(ref[key], abs=2e-5), key

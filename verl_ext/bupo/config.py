@@ -53,7 +53,7 @@ class BuPOConfig:
     full_policy_metrics_freq: int = 10
     full_policy_metrics_samples: int = 16
     layer_entropy_freq: int = 0
-    layer_entropy_samples: int = 16
+    layer_entropy_samples: int = 4
     _schedule: Schedule = field(default=None, repr=False, compare=False)
 
     @classmethod
