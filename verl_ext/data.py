@@ -1,4 +1,4 @@
-"""Build and re-template the BuPO math data (DeepMath-5k train; MATH-500, AMC23, AIME24/25 val) as verl parquet.
+"""Build and re-template the BuPO math data (DeepMath-5k train; MATH-500, AMC23, AIME24/25) as verl parquet.
 
 Command line (``python -m verl_ext.data <command> --help`` for every option)::
 
@@ -15,8 +15,8 @@ Output files and ``data_source`` values (the same as ``../shared/data/math``):
     aime_2024.parquet (qwen_aime_2024), aime_2025.parquet (qwen_aime_2025)
 
 Rows: ``data_source``, ``prompt`` (chat messages), ``ability`` = "MATH", ``reward_model`` =
-``{"ground_truth", "style": "rule"}``, ``extra_info`` = ``{"index", "split", "problem", ...}`` (the raw problem
-is kept so that files can be re-templated later).
+``{"ground_truth", "style": "rule"}``, ``extra_info`` = ``{"index", "split", "problem", ...}`` (the raw
+problem is kept so that files can be re-templated later).
 
 Prompt styles:
 
@@ -50,7 +50,7 @@ OCTOTHINKER_PROMPT_PREFIX = (
 )
 OCTOTHINKER_PROMPT_SUFFIX = "\nAssistant:"
 OCTOTHINKER_PROMPT_TEMPLATE = OCTOTHINKER_PROMPT_PREFIX + "{problem}" + OCTOTHINKER_PROMPT_SUFFIX
-"""The OctoThinker plain-text prompt of the paper; ``{problem}`` is replaced (not ``str.format``: it has ``{}``)."""
+"""The paper's OctoThinker prompt; fill ``{problem}`` with ``str.replace`` (the text also has ``{}``)."""
 
 OCTOTHINKER_CHAT_TEMPLATE = (
     "{%- if bos_token %}{{- bos_token }}{%- endif %}"
@@ -120,7 +120,11 @@ def build_prompt(problem: str, style: str) -> list[dict[str, str]]:
 def detect_style(prompt: Any) -> str | None:
     """Which style a ``prompt`` value has (``qwen3``, ``octothinker`` or None)."""
     messages = _messages(prompt)
-    if len(messages) == 2 and messages[0].get("role") == "system" and messages[0].get("content") == SYSTEM_PROMPT:
+    if (
+        len(messages) == 2
+        and messages[0].get("role") == "system"
+        and messages[0].get("content") == SYSTEM_PROMPT
+    ):
         return "qwen3"
     if len(messages) == 1 and _strip_octothinker(str(messages[0].get("content", ""))) is not None:
         return "octothinker"
@@ -148,8 +152,8 @@ def _messages(prompt: Any) -> list[dict]:
 def problem_of(row: Mapping[str, Any]) -> str:
     """Recover the raw problem of a verl row.
 
-    Looks at ``extra_info.problem``, ``extra_info.raw_problem``, a ``problem`` or ``question`` column, then the
-    last user message (with the OctoThinker wrapper removed).
+    Looks at ``extra_info.problem``, ``extra_info.raw_problem``, a ``problem`` or ``question`` column,
+    then the last user message (with the OctoThinker wrapper removed).
 
     Raises:
         DataError: If none of them gives a non-empty string.
@@ -168,7 +172,9 @@ def problem_of(row: Mapping[str, Any]) -> str:
         content = users[-1]["content"]
         stripped = _strip_octothinker(content)
         return stripped if stripped is not None else content
-    raise DataError("row has no problem text (no extra_info.problem, problem/question column or user message)")
+    raise DataError(
+        "row has no problem text (no extra_info.problem, problem/question column or user message)"
+    )
 
 
 def answer_str(value: Any) -> str:
@@ -233,7 +239,9 @@ def parse_val_n(spec: str | int | Mapping[str, int] | None) -> dict[str, int] | 
         try:
             out[key.strip() or "*"] = int(value)
         except ValueError:
-            raise DataError(f"bad --val-n entry {part!r}: use 'paper', an integer or source=n pairs") from None
+            raise DataError(
+                f"bad --val-n entry {part!r}: use 'paper', an integer or source=n pairs"
+            ) from None
     if any(n < 1 for n in out.values()):
         raise DataError(f"--val-n values must be >= 1, got {spec!r}")
     return out
@@ -265,9 +273,12 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
 
     if not rows:
         raise DataError(f"refusing to write an empty file: {path}")
+    columns: dict[str, None] = {}
+    for row in rows:  # pyarrow takes the columns of the first row only: use the union, in order
+        columns.update(dict.fromkeys(row))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(list(rows)), path)
+    pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), path)
     return path
 
 
@@ -285,7 +296,10 @@ def _check_verl_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def retemplate_rows(
-    rows: Sequence[Mapping[str, Any]], style: str, val_n: Mapping[str, int] | None = None, path: Path | None = None
+    rows: Sequence[Mapping[str, Any]],
+    style: str,
+    val_n: Mapping[str, int] | None = None,
+    path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Give existing verl rows a new prompt style, keeping every other column.
 
@@ -363,9 +377,15 @@ def retemplate(
     if val_only:
         pairs = [(p, name) for p, name in pairs if name != TRAIN_FILE]
     if require_all:
-        missing = [name for name in FILES if name not in {n for _, n in pairs} and not (val_only and name == TRAIN_FILE)]
+        missing = [
+            name
+            for name in FILES
+            if name not in {n for _, n in pairs} and not (val_only and name == TRAIN_FILE)
+        ]
         if missing:
-            raise DataError(f"--src {', '.join(map(str, src))} lacks {missing} (have {[n for _, n in pairs]})")
+            raise DataError(
+                f"--src {', '.join(map(str, src))} lacks {missing} (have {[n for _, n in pairs]})"
+            )
     written = []
     converted = []
     for path, name in pairs:  # convert everything first, so a bad file leaves the output untouched
@@ -407,7 +427,9 @@ HUB_SOURCES: dict[str, HubSource] = {
         extra_keys=("subject", "level", "unique_id"),
     ),
     "amc2023": HubSource("amc2023.parquet", "qwen_amc2023", "math-ai/amc23", "test", "question", "answer"),
-    "aime_2024": HubSource("aime_2024.parquet", "qwen_aime_2024", "HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime_2024": HubSource(
+        "aime_2024.parquet", "qwen_aime_2024", "HuggingFaceH4/aime_2024", "train", "problem", "answer"
+    ),
     "aime_2025": HubSource(
         "aime_2025.parquet", "qwen_aime_2025", "opencompass/AIME2025", "test", "question", "answer",
         configs=("AIME2025-I", "AIME2025-II"),
@@ -424,7 +446,9 @@ def parse_source_override(spec: str) -> tuple[str, dict[str, Any]]:
     """Parse ``--source NAME=REPO[:CONFIG[+CONFIG...]][@SPLIT]``."""
     name, eq, rest = spec.partition("=")
     if not eq or name not in HUB_SOURCES or not rest:
-        raise DataError(f"bad --source {spec!r}: use NAME=REPO[:CONFIG[+CONFIG]][@SPLIT], NAME in {list(HUB_SOURCES)}")
+        raise DataError(
+            f"bad --source {spec!r}: use NAME=REPO[:CONFIG[+CONFIG]][@SPLIT], NAME in {list(HUB_SOURCES)}"
+        )
     fields: dict[str, Any] = {}
     rest, at, split = rest.partition("@")
     if at:
@@ -459,7 +483,9 @@ def _to_records(data: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in data]
 
 
-def _resolve_column(columns: Iterable[str], wanted: str, fallbacks: Sequence[str], what: str, where: str) -> str:
+def _resolve_column(
+    columns: Iterable[str], wanted: str, fallbacks: Sequence[str], what: str, where: str
+) -> str:
     columns = list(columns)
     lower = {c.lower(): c for c in columns}
     for name in (wanted, *fallbacks):
@@ -467,7 +493,9 @@ def _resolve_column(columns: Iterable[str], wanted: str, fallbacks: Sequence[str
             return name
         if name.lower() in lower:
             return lower[name.lower()]
-    raise DataError(f"{where}: no {what} column (looked for {[wanted, *fallbacks]}); columns are {sorted(columns)}")
+    raise DataError(
+        f"{where}: no {what} column (looked for {[wanted, *fallbacks]}); columns are {sorted(columns)}"
+    )
 
 
 def load_source(source: HubSource, load_fn: LoadFn = _hub_load) -> list[dict[str, Any]]:
@@ -504,7 +532,7 @@ def load_source(source: HubSource, load_fn: LoadFn = _hub_load) -> list[dict[str
 
 
 def sample_indices(n_total: int, size: int, seed: int) -> list[int]:
-    """Indices of a seeded sample without replacement (numpy ``default_rng(seed).choice``), in sample order."""
+    """Indices of a seeded sample without replacement (numpy ``default_rng(seed).choice``), unsorted."""
     import numpy as np
 
     if size >= n_total:
@@ -684,7 +712,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for spec in args.source:
                 name, fields = parse_source_override(spec)
                 sources[name] = replace(sources[name], **fields)
-            build(args.out, args.style, args.train_size, args.seed, sources=sources, only=args.only, val_n=args.val_n)
+            build(
+                args.out,
+                args.style,
+                args.train_size,
+                args.seed,
+                sources=sources,
+                only=args.only,
+                val_n=args.val_n,
+            )
         elif args.command == "retemplate":
             retemplate(args.src, args.out, args.style, val_n=args.val_n, val_only=args.val_only)
         else:

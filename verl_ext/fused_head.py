@@ -67,7 +67,9 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, labels, lse_all, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(lse_all)
+        # A skipped entropy is constant zeros: no (wrong) gradient through it. One call: a second
+        # mark_non_differentiable would replace the first.
+        ctx.mark_non_differentiable(lse_all, *(() if need_entropy else (entropy,)))
         return log_probs, entropy
 
     @staticmethod
@@ -176,7 +178,10 @@ def fused_log_probs_entropy(
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden {tuple(lead)}")
         flat_y = labels.reshape(-1).long()
     use_triton = backend == "triton" or (
-        backend == "auto" and hidden.is_cuda and hidden.dtype != torch.float64 and _triton_kernel() is not None
+        backend == "auto"
+        and hidden.is_cuda
+        and hidden.dtype != torch.float64
+        and _triton_kernel() is not None
     )
     if use_triton:
         kernel = _triton_kernel()

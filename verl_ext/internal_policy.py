@@ -76,7 +76,9 @@ def internal_log_probs(
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
     ctx = (
-        exit_after_layer(model, layer, final_norm=final_norm) if layer is not None else contextlib.nullcontext()
+        exit_after_layer(model, layer, final_norm=final_norm)
+        if layer is not None
+        else contextlib.nullcontext()
     )
     with ctx:
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
@@ -193,7 +195,10 @@ def internal_policy_forward(
         )
         return InternalPolicyOutput(log_probs=log_probs, entropy=entropy)
 
-    with exit_after_layer(model, layer, final_norm=final_norm), override_forward(unwrap_model(model), forward):
+    with (
+        exit_after_layer(model, layer, final_norm=final_norm),
+        override_forward(unwrap_model(model), forward),
+    ):
         yield
 
 
@@ -225,11 +230,22 @@ def policy_divergence_forward(
         captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, temperature=1.0, **kwargs):
-        for key in ("shift_labels", "labels", "return_dict", "use_cache", "output_hidden_states", "logits_to_keep"):
+        for key in (
+            "shift_labels",
+            "labels",
+            "return_dict",
+            "use_cache",
+            "output_hidden_states",
+            "logits_to_keep",
+        ):
             kwargs.pop(key, None)
         captured.clear()
         out = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
         )
         final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         inner = captured[-1]
@@ -237,7 +253,9 @@ def policy_divergence_forward(
             inner = decoder.norm(inner)
         kl, _, ent_full = call_head(
             model,
-            lambda h, w: fused_policy_divergence(inner, h, w, temperature=float(temperature), chunk_size=chunk_size),
+            lambda h, w: fused_policy_divergence(
+                inner, h, w, temperature=float(temperature), chunk_size=chunk_size
+            ),
             final,
         )
         return InternalPolicyOutput(log_probs=kl, entropy=ent_full)

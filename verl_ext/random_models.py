@@ -184,6 +184,8 @@ def save_model_and_tokenizer(model: PreTrainedModel, path: str | os.PathLike, to
     model.save_pretrained(path)
     tokenizer = tokenizer if tokenizer is not None else make_tokenizer(model.config.vocab_size)
     if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}"
+        )
     tokenizer.save_pretrained(path)
     return path

@@ -1,4 +1,4 @@
-"""Math reward: the last ``\\boxed{}`` answer against the ground truth, graded with math-verify in bounded time.
+"""Math reward: the last ``\\boxed{}`` answer against the ground truth, graded by math-verify in bounded time.
 
 :func:`compute_score` is the function verl's reward workers call (``reward.custom_reward_function.path`` =
 ``pkg://verl_ext.reward``, ``.name`` = ``compute_score``). It never raises and always returns the same keys
@@ -30,7 +30,10 @@ Grading, in order:
    small pool of spawned worker processes. Each call waits at most ``timeout_s`` seconds for its worker;
    a worker that overruns is killed and replaced, so no input can hang the caller, in any thread.
    ``BUPO_REWARD_WORKERS`` sets the pool size (default ``min(4, cpu_count)``); ``0`` grades in a daemon
-   thread of the calling process instead (bounded wait, but a runaway computation keeps its thread).
+   thread of the calling process instead (bounded wait, but a runaway computation keeps its thread), which
+   is also the fallback where child processes cannot be started. Waiting for a free grader is bounded by
+   :data:`DEFAULT_QUEUE_WAIT_S`; a grader's one-time start-up (about a second) by
+   :data:`WORKER_STARTUP_TIMEOUT_S`. Verdicts are cached per (ground truth, answer).
 
 Percent signs are dropped before grading (``50\\%`` equals ``50``); ``^\\circ``, ``\\text{ cm}`` units and
 ``\\$`` are handled by math-verify.
@@ -39,6 +42,7 @@ Percent signs are dropped before grading (``50\\%`` equals ``50``); ``^\\circ``,
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -92,15 +96,17 @@ def _parse_box_at(text: str, start: int, max_chars: int) -> tuple[str | None, st
     """
     j = start
     limit = min(len(text), start + 16)
-    while j < limit and text[j] in " \t":
+    while j < limit and text[j] in " \t\n":
         j += 1
     if j >= len(text):
         return None, "unclosed_box"
     if text[j] != "{":
         # ``\boxed 5``: the argument runs to the next whitespace or ``$``.
-        m = re.match(r"[^\s$]{1,%d}" % max_chars, text[j : j + max_chars + 1])
+        m = re.match(r"[^\s$]+", text[j : j + max_chars + 1])
         if m is None:
             return None, "empty_box"
+        if len(m.group(0)) > max_chars:
+            return None, "answer_too_long"
         return m.group(0), "ok"
     window_end = min(len(text), j + 1 + max_chars + 1)
     depth = 0
@@ -162,7 +168,9 @@ def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> tuple[str | None
 # Normalisation and the fast paths
 # ---------------------------------------------------------------------------------------------------------
 
-_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mbox|operatorname)\s*\{")
+_TEXT_WRAPPERS = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mbox|operatorname)\s*\{"
+)
 _THOUSANDS_SPACING = re.compile(r"(?<=\d)(?:\\[,!;: ]|\{,\}|~)(?=\d{3}(?!\d))")
 _LATEX_SPACING = re.compile(r"\\[,!;: ]|\\quad|\\qquad")
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
@@ -175,7 +183,9 @@ def _unwrap_text(s: str) -> str:
     out = []
     pos = 0
     stack: list[bool] = []  # for each open brace: was it opened by a text wrapper?
-    for m in re.finditer(r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mbox|operatorname)\s*\{|\\.|[{}]", s):
+    for m in re.finditer(
+        r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mbox|operatorname)\s*\{|\\.|[{}]", s
+    ):
         t = m.group(0)
         if t.endswith("{") and t.startswith("\\") and len(t) > 2:
             out.append(s[pos : m.start()])
@@ -183,10 +193,9 @@ def _unwrap_text(s: str) -> str:
             stack.append(True)
         elif t == "{":
             stack.append(False)
-        elif t == "}":
-            if stack and stack.pop():
-                out.append(s[pos : m.start()])
-                pos = m.end()
+        elif t == "}" and stack and stack.pop():
+            out.append(s[pos : m.start()])
+            pos = m.end()
     out.append(s[pos:])
     return "".join(out)
 
@@ -210,7 +219,7 @@ def normalize_answer(s: str) -> str:
 
 
 def _as_text(s: str) -> str:
-    """A word-level view of an answer: text wrappers, braces, ``$`` and end punctuation removed, lower case."""
+    """Word-level view of an answer: text wrappers, braces, ``$`` and end punctuation removed, lower case."""
     s = _unwrap_text(s)
     s = _LATEX_SPACING.sub(" ", s)
     s = s.replace("$", "").replace("{", "").replace("}", "")
@@ -293,20 +302,23 @@ def math_verify_equal(gold: str, pred: str) -> bool:
 
 
 _GOLD_CACHE: OrderedDict[str, Any] = OrderedDict()
+_GOLD_CACHE_LOCK = threading.Lock()
 
 
 def _parse_gold(gold: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    if gold in _GOLD_CACHE:
-        _GOLD_CACHE.move_to_end(gold)
-        return _GOLD_CACHE[gold]
+    with _GOLD_CACHE_LOCK:
+        if gold in _GOLD_CACHE:
+            _GOLD_CACHE.move_to_end(gold)
+            return _GOLD_CACHE[gold]
     parsed = parse("\\boxed{" + gold + "}", [LatexExtractionConfig()], parsing_timeout=None)
     if not parsed:
         parsed = parse(gold, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
-    _GOLD_CACHE[gold] = parsed
-    if len(_GOLD_CACHE) > 4096:
-        _GOLD_CACHE.popitem(last=False)
+    with _GOLD_CACHE_LOCK:
+        _GOLD_CACHE[gold] = parsed
+        if len(_GOLD_CACHE) > 4096:
+            _GOLD_CACHE.popitem(last=False)
     return parsed
 
 
@@ -355,10 +367,8 @@ class _Worker:
             raise RuntimeError(f"grader process failed to start: {payload}")
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.close()
-        except OSError:
-            pass
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(timeout=5)
@@ -434,10 +444,8 @@ class _GraderPool:
             idle, self._idle = self._idle, []
             self._count -= len(idle)
         for w in idle:
-            try:
+            with contextlib.suppress(OSError):
                 w.conn.send(None)
-            except OSError:
-                pass
             w.kill()
 
 
@@ -542,10 +550,13 @@ def verify_bounded(
     else:
         try:
             out = pool.verify(gold, pred, timeout_s, wait_s)
-        except Exception as e:  # cannot start processes here (e.g. inside a daemonic process)
+        except (AssertionError, OSError) as e:  # no child processes here (e.g. inside a daemonic process)
             logger.warning("reward grader processes unavailable (%r); grading in threads from now on", e)
             with _POOL_LOCK:
                 _INLINE = True
+            out = _verify_inline(gold, pred, timeout_s)
+        except Exception as e:  # a grader process failed to start: grade this one in a thread
+            logger.warning("reward grader process failed to start (%r); grading this answer in a thread", e)
             out = _verify_inline(gold, pred, timeout_s)
     if out[0] == "ok":
         with _VERDICT_CACHE_LOCK:
@@ -608,9 +619,7 @@ def _gold_candidates(ground_truth: Any) -> list[str]:
     return golds
 
 
-def grade_answer(
-    pred: str, ground_truth: Any, timeout_s: float = DEFAULT_TIMEOUT_S
-) -> tuple[bool, str, str]:
+def grade_answer(pred: str, ground_truth: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str, str]:
     """Grade an already extracted answer against the ground truth.
 
     Args:

@@ -30,7 +30,14 @@ from verl.plugin.platform.platform_cuda import PlatformCUDA  # noqa: E402
 _cpu = types.SimpleNamespace(**{k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")})
 for _n in ("max_memory_allocated", "max_memory_reserved", "memory_allocated", "memory_reserved"):
     setattr(_cpu, _n, lambda *a, **k: 0)
-for _n in ("empty_cache", "reset_peak_memory_stats", "ipc_collect", "manual_seed", "manual_seed_all", "synchronize"):
+for _n in (
+    "empty_cache",
+    "reset_peak_memory_stats",
+    "ipc_collect",
+    "manual_seed",
+    "manual_seed_all",
+    "synchronize",
+):
     setattr(_cpu, _n, lambda *a, **k: None)
 _cpu.mem_get_info = lambda *a, **k: (0, 0)
 _cpu.is_available = lambda: True

@@ -7,15 +7,21 @@ import subprocess
 import sys
 
 import pytest
+from _verl_cpu import RECIPE_CONFIG  # noqa: I001
 from hydra import compose, initialize_config_dir
 from transformers import GPT2Config, LlamaConfig, Qwen3Config
 
 from verl_ext.bupo.config import BuPOConfig, BuPOConfigError, validate_config
 
-from _verl_cpu import RECIPE_CONFIG  # noqa: I001
-
-QWEN3_4B = Qwen3Config(num_hidden_layers=36, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, vocab_size=128)
+QWEN3_4B = Qwen3Config(
+    num_hidden_layers=36,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=128,
+)
 
 
 def _cfg(*overrides: str, preset: str = "qwen3_4b"):
@@ -39,8 +45,14 @@ def test_paper_preset_is_valid():
         ("bupo.schedule=[{layer:5,steps:10},{layer:40,steps:5}]", "bupo.schedule[1].layer=40"),
         ("algorithm.rollout_correction.bypass_mode=true", "algorithm.rollout_correction.bypass_mode=true"),
         ("algorithm.rollout_correction.rollout_is=token", "Set algorithm.rollout_correction.rollout_is=null"),
-        ("algorithm.rollout_correction.rollout_rs=token_k1", "Set algorithm.rollout_correction.rollout_rs=null"),
-        ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss=true during phase 1"),
+        (
+            "algorithm.rollout_correction.rollout_rs=token_k1",
+            "Set algorithm.rollout_correction.rollout_rs=null",
+        ),
+        (
+            "actor_rollout_ref.actor.use_kl_loss=true",
+            "actor_rollout_ref.actor.use_kl_loss=true during phase 1",
+        ),
         ("algorithm.use_kl_in_reward=true", "algorithm.use_kl_in_reward=true during phase 1"),
         ("actor_rollout_ref.actor.fsdp_config.forward_prefetch=true", "forward_prefetch=true"),
         ("actor_rollout_ref.model.enable_activation_offload=true", "enable_activation_offload=true"),
@@ -61,7 +73,11 @@ def test_range_message_names_valid_range():
 
 
 def test_kl_and_rollout_correction_allowed_without_phase1():
-    cfg = _cfg("bupo.enable=false", "actor_rollout_ref.actor.use_kl_loss=true", "algorithm.rollout_correction.rollout_is=token")
+    cfg = _cfg(
+        "bupo.enable=false",
+        "actor_rollout_ref.actor.use_kl_loss=true",
+        "algorithm.rollout_correction.rollout_is=token",
+    )
     assert not validate_config(cfg, hf_config=QWEN3_4B).phase1_active
 
 
@@ -72,8 +88,20 @@ def test_unsupported_architecture_fails_self_test():
         validate_config(_cfg(), hf_config=gpt2)
 
 
-@pytest.mark.parametrize("cfg", [QWEN3_4B, LlamaConfig(num_hidden_layers=36, hidden_size=64, intermediate_size=128,
-                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        QWEN3_4B,
+        LlamaConfig(
+            num_hidden_layers=36,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        ),
+    ],
+)
 def test_supported_architectures_pass_self_test(cfg):
     validate_config(_cfg(), hf_config=cfg)
 
@@ -88,9 +116,20 @@ def test_entry_point_fails_before_ray(tiny_model_dir, tmp_path):
     path, _ = tiny_model_dir
     env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "recipe.bupo.main_bupo", "preset=qwen3_4b", f"actor_rollout_ref.model.path={path}",
-         "bupo.internal_layer=4", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=RECIPE_CONFIG.parents[2], env=env,
+        [
+            sys.executable,
+            "-m",
+            "recipe.bupo.main_bupo",
+            "preset=qwen3_4b",
+            f"actor_rollout_ref.model.path={path}",
+            "bupo.internal_layer=4",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=RECIPE_CONFIG.parents[2],
+        env=env,
     )
     assert proc.returncode != 0
     assert "bupo.internal_layer=4 is outside the model's range" in proc.stderr

@@ -141,8 +141,10 @@ def _update_batch(verl_cpu, layer: int):
 
 
 def _snapshot(worker) -> dict[str, torch.Tensor]:
-    return {k: v.detach().full_tensor().clone() if hasattr(v, "full_tensor") else v.detach().clone()
-            for k, v in worker.engine.module.named_parameters()}
+    return {
+        k: v.detach().full_tensor().clone() if hasattr(v, "full_tensor") else v.detach().clone()
+        for k, v in worker.engine.module.named_parameters()
+    }
 
 
 def test_phase1_update_changes_only_lower_layers_then_phase2_changes_all(verl_cpu, tiny_model_dir):
@@ -185,3 +187,15 @@ def test_layer_entropy_telemetry_matches_analysis_on_plain_model(verl_cpu, actor
     assert set(metrics) == set(ref) and len(ref) == 5 * 4
     for key in ref:
         assert metrics[key] == pytest.approx(ref[key], abs=2e-5), key
+
+
+def test_worker_rejects_schedule_layer_outside_real_model(verl_cpu, tiny_model_dir):
+    """The actor checks the schedule's layers against the model it built (before any rollout)."""
+    from verl_ext.bupo.worker import BuPOActorRolloutRefWorker, actor_rollout_ref_worker_cls
+
+    assert actor_rollout_ref_worker_cls((), True) is BuPOActorRolloutRefWorker
+    worker_cls = actor_rollout_ref_worker_cls((1, 7), False).actor_worker_cls
+    assert worker_cls.bupo_layers == (1, 7) and worker_cls.bupo_run_self_test is False
+    path, _ = tiny_model_dir
+    with pytest.raises(ValueError, match=r"bupo.internal_layer=7 .* valid values are 0\.\.3"):
+        verl_cpu.build_actor(verl_cpu.compose(str(path)), worker_cls=worker_cls)

@@ -53,7 +53,9 @@ def test_dual_clip_bounds_negative_advantage_loss():
     cfg = _config("token-mean")
     old = torch.zeros(1, 1)
     new = torch.full((1, 1), 5.0)  # ratio e^5 ~ 148
-    loss, metrics = bupo_loss.compute_policy_loss_bupo(old, new, -torch.ones(1, 1), torch.ones(1, 1), "token-mean", cfg)
+    loss, metrics = bupo_loss.compute_policy_loss_bupo(
+        old, new, -torch.ones(1, 1), torch.ones(1, 1), "token-mean", cfg
+    )
     assert loss.item() == pytest.approx(10.0)
     assert metrics["actor/pg_clipfrac_lower"] == 1.0
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-
 from _verl_cpu import RECIPE_CONFIG
+from hydra import compose, initialize_config_dir
 
 REPO = RECIPE_CONFIG.parents[2]
 # preset: (model id, 0-based layer, s_inter, max response) from the paper (spec section 3 table).
@@ -31,12 +30,27 @@ def test_preset_composes_with_paper_settings(preset):
     assert (cfg.bupo.internal_layer, cfg.bupo.internal_steps, cfg.bupo.final_norm) == (layer, steps, False)
     assert cfg.data.max_response_length == resp
     a = cfg.actor_rollout_ref.actor
-    assert (a.optim.lr, a.ppo_mini_batch_size, a.clip_ratio_c, a.policy_loss.loss_mode) == (1e-6, 32, 10.0, "bupo")
-    assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.rollout.n, cfg.trainer.total_training_steps) == (128, 8, 300)
-    assert cfg.trainer.v1.trainer_mode == "bupo_sync" and cfg.reward.custom_reward_function.path == "pkg://verl_ext.reward"
+    assert (a.optim.lr, a.ppo_mini_batch_size, a.clip_ratio_c, a.policy_loss.loss_mode) == (
+        1e-6,
+        32,
+        10.0,
+        "bupo",
+    )
+    assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.rollout.n, cfg.trainer.total_training_steps) == (
+        128,
+        8,
+        300,
+    )
+    assert (
+        cfg.trainer.v1.trainer_mode == "bupo_sync"
+        and cfg.reward.custom_reward_function.path == "pkg://verl_ext.reward"
+    )
     assert "file" in cfg.trainer.logger
     if preset.startswith("octothinker"):
-        assert cfg.actor_rollout_ref.model.custom_chat_template
+        from verl_ext.data import OCTOTHINKER_CHAT_TEMPLATE
+
+        # one BOS, then the paper's plain-text prompt verbatim (see tests/data)
+        assert cfg.actor_rollout_ref.model.custom_chat_template == OCTOTHINKER_CHAT_TEMPLATE
     else:
         assert cfg.data.apply_chat_template_kwargs.enable_thinking is False
 
@@ -50,7 +64,11 @@ def test_example_script_prints_config(script, tmp_path):
     env.update(DATA_DIR=str(tmp_path / "data"), N_GPUS="4")
     proc = subprocess.run(
         ["bash", f"examples/{script}", "trainer.total_training_steps=7", "--cfg", "job"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load(proc.stdout)

@@ -48,14 +48,23 @@ def trainer(monkeypatch, tmp_path):
     t.config = OmegaConf.create(
         {
             "trainer": {
-                "n_gpus_per_node": 2, "nnodes": 1, "resume_mode": "resume_path", "resume_from_path": None,
-                "del_local_ckpt_after_load": False, "default_local_dir": str(tmp_path),
+                "n_gpus_per_node": 2,
+                "nnodes": 1,
+                "resume_mode": "resume_path",
+                "resume_from_path": None,
+                "del_local_ckpt_after_load": False,
+                "default_local_dir": str(tmp_path),
             },
             "actor_rollout_ref": {"rollout": {"temperature": 0.9}},
         }
     )
     t.bupo = BuPOConfig.from_dict(
-        {"internal_layer": LAYER, "internal_steps": S_INTER, "full_policy_metrics_freq": 10, "layer_entropy_freq": 0}
+        {
+            "internal_layer": LAYER,
+            "internal_steps": S_INTER,
+            "full_policy_metrics_freq": 10,
+            "layer_entropy_freq": 0,
+        }
     )
     t._bupo_last_layer = None
     t.actor_rollout_wg = FakeWorkerGroup()
@@ -88,7 +97,11 @@ def test_registered():
 @pytest.mark.parametrize("step, expected", [(1, LAYER), (S_INTER, LAYER), (S_INTER + 1, -1), (300, -1)])
 def test_phase_by_step_and_ref_cleared(trainer, step, expected):
     layers, metrics, batch = _step(trainer, step)
-    assert layers == {"_compute_old_log_prob": expected, "_compute_ref_log_prob": -1, "_update_actor": expected}
+    assert layers == {
+        "_compute_old_log_prob": expected,
+        "_compute_ref_log_prob": -1,
+        "_update_actor": expected,
+    }
     assert batch.extra_info["bupo_exit_layer"] == -1  # not left sticky after the update
     assert metrics["bupo/phase"] == (1.0 if expected >= 0 else 2.0)
     assert metrics["bupo/exit_layer"] == float(expected)

@@ -25,7 +25,11 @@ def test_two_rank_phase1_then_phase2(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    params, changed1, changed2 = result["params"], set(result["changed_phase1"]), set(result["changed_phase2"])
+    params, changed1, changed2 = (
+        result["params"],
+        set(result["changed_phase1"]),
+        set(result["changed_phase2"]),
+    )
 
     def upper(name: str) -> bool:
         return any(f"layers.{i}." in name for i in range(LAYER + 1, 4))

@@ -65,7 +65,9 @@ class BuPOConfig:
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise BuPOConfigError(f"unknown key(s) bupo.{', bupo.'.join(unknown)}; valid keys: {sorted(known)}")
+            raise BuPOConfigError(
+                f"unknown key(s) bupo.{', bupo.'.join(unknown)}; valid keys: {sorted(known)}"
+            )
         for key in ("internal_steps", "head_chunk_size", "full_policy_metrics_freq", "layer_entropy_freq"):
             val = data.get(key, getattr(cls, key))
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
@@ -151,8 +153,12 @@ def check_verl_config(config: Any, bupo: BuPOConfig) -> None:
     strategy = _get(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ("fsdp", "fsdp2"):
         errors.append(f"actor_rollout_ref.actor.strategy={strategy}: BuPO supports fsdp and fsdp2 only")
-    if _get(config, "algorithm.adv_estimator") == "grpo" and (_get(config, "actor_rollout_ref.rollout.n", 1) < 2):
-        errors.append("actor_rollout_ref.rollout.n < 2 with GRPO: every advantage would be 0; use n >= 2 (paper: 8)")
+    if _get(config, "algorithm.adv_estimator") == "grpo" and (
+        _get(config, "actor_rollout_ref.rollout.n", 1) < 2
+    ):
+        errors.append(
+            "actor_rollout_ref.rollout.n < 2 with GRPO: every advantage would be 0; use n >= 2 (paper: 8)"
+        )
     if bupo.phase1_active:
         rc = "algorithm.rollout_correction"
         why = "phase 1 compares pi^k with pi^k_old; ratios against the full-policy rollout are meaningless"
@@ -163,20 +169,26 @@ def check_verl_config(config: Any, bupo: BuPOConfig) -> None:
                 errors.append(f"{rc}.{key}={_get(config, f'{rc}.{key}')}: {why}. Set {rc}.{key}=null")
         kl_why = "it would mix pi^k with the full-depth reference (the paper trains without KL)"
         if _get(config, "actor_rollout_ref.actor.use_kl_loss", False):
-            errors.append(f"actor_rollout_ref.actor.use_kl_loss=true during phase 1: {kl_why}. Set it to false")
+            errors.append(
+                f"actor_rollout_ref.actor.use_kl_loss=true during phase 1: {kl_why}. Set it to false"
+            )
         if _get(config, "algorithm.use_kl_in_reward", False):
             errors.append(f"algorithm.use_kl_in_reward=true during phase 1: {kl_why}. Set it to false")
         for role in ("actor",):
             key = f"actor_rollout_ref.{role}.fsdp_config.forward_prefetch"
             if _get(config, key, False):
-                errors.append(f"{key}=true: it prefetches layer k+1, which never runs in phase 1. Set it to false")
+                errors.append(
+                    f"{key}=true: it prefetches layer k+1, which never runs in phase 1. Set it to false"
+                )
         if _get(config, "actor_rollout_ref.model.enable_activation_offload", False):
             errors.append(
                 "actor_rollout_ref.model.enable_activation_offload=true: verl's offload assumes all layers run. "
                 "Set it to false (gradient checkpointing is enough: only k+1 layers hold activations)"
             )
         if _get(config, "actor_rollout_ref.actor.calculate_sum_pi_squared", False):
-            errors.append("actor_rollout_ref.actor.calculate_sum_pi_squared=true: needs full logits; set it to false")
+            errors.append(
+                "actor_rollout_ref.actor.calculate_sum_pi_squared=true: needs full logits; set it to false"
+            )
     if errors:
         raise BuPOConfigError("BuPO config rejected:\n  - " + "\n  - ".join(errors))
 
@@ -251,7 +263,9 @@ def validate_config(config: Any, hf_config: Any = None, self_test: bool = True) 
         try:
             hf_config = load_hf_config(config)
         except Exception as e:  # offline driver: the worker checks again on the real model
-            logger.warning("BuPO: could not read the model config at start-up (%s); checking in the worker", e)
+            logger.warning(
+                "BuPO: could not read the model config at start-up (%s); checking in the worker", e
+            )
             return bupo
     check_layers(bupo, int(hf_config.num_hidden_layers))
     if self_test:

@@ -40,7 +40,9 @@ class BuPOEngineMixin:
         diagnose = FULL_POLICY if diagnose is None else int(diagnose)
         if layer == FULL_POLICY and diagnose == FULL_POLICY:
             with active_exit_layer(FULL_POLICY):
-                return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+                return super().forward_step(
+                    micro_batch, loss_function=loss_function, forward_only=forward_only
+                )
         if self.engine_config.forward_only:
             raise RuntimeError(
                 "bupo_exit_layer reached a forward-only (reference) engine; the reference must use the full policy"
@@ -58,7 +60,9 @@ class BuPOEngineMixin:
         else:
             ctx = internal_policy_forward(self.module, layer, final_norm=final_norm, chunk_size=chunk)
         with active_exit_layer(layer), ctx:
-            loss, output = super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+            loss, output = super().forward_step(
+                micro_batch, loss_function=loss_function, forward_only=forward_only
+            )
         output.setdefault("metrics", {})["bupo/exit_layer"] = float(layer)
         return loss, output
 

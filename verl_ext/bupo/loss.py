@@ -94,7 +94,9 @@ def compute_policy_loss_bupo(
     pg_losses = torch.where(negative, dual, ppo_obj)
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
-    loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info)
+    loss = agg_loss(
+        loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
+    )
 
     metrics = {
         "actor/pg_clipfrac": verl_F.masked_mean((clipped > unclipped).float(), response_mask).item(),

@@ -53,7 +53,9 @@ class Schedule:
                 elif hasattr(st, "get") and hasattr(st, "keys"):
                     unknown = set(st.keys()) - {"layer", "steps"}
                     if unknown or "layer" not in st or "steps" not in st:
-                        raise ValueError(f"schedule[{i}] must have exactly the keys layer and steps, got {dict(st)}")
+                        raise ValueError(
+                            f"schedule[{i}] must have exactly the keys layer and steps, got {dict(st)}"
+                        )
                     parsed.append(Stage(st["layer"], st["steps"]))
                 elif isinstance(st, (list, tuple)) or hasattr(st, "__len__"):
                     st = list(st)
@@ -97,7 +99,9 @@ class Schedule:
         parts, start = [], 1
         for st in self.stages:
             if st.steps:
-                parts.append(f"steps {start}-{start + st.steps - 1}: layer {st.layer} (paper pi^{st.layer + 1})")
+                parts.append(
+                    f"steps {start}-{start + st.steps - 1}: layer {st.layer} (paper pi^{st.layer + 1})"
+                )
             start += st.steps
         parts.append(f"steps {start}+: full policy")
         return "; ".join(parts)

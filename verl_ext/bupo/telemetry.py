@@ -77,7 +77,9 @@ def layer_entropy_metrics(training_worker, data):
     count = float(token_mask.sum())
     keys = sorted(metrics)
     if torch.distributed.is_initialized():
-        buf = torch.tensor([metrics.get(k, 0.0) * count for k in keys] + [count], dtype=torch.float64, device=device)
+        buf = torch.tensor(
+            [metrics.get(k, 0.0) * count for k in keys] + [count], dtype=torch.float64, device=device
+        )
         torch.distributed.all_reduce(buf, group=engine.get_data_parallel_group())
         total = max(float(buf[-1]), 1.0)
         metrics = {k: float(v) / total for k, v in zip(keys, buf[:-1].tolist())}

@@ -14,15 +14,15 @@ import math
 import ray
 from omegaconf import open_dict
 from transfer_queue import KVBatchMeta
-from verl.utils.metric import reduce_metrics
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.metric import reduce_metrics
 
 from verl_ext.bupo.config import TRAINER_NAME, validate_config
 from verl_ext.bupo.engine import CHUNK_KEY, DIAGNOSE_KEY, EXIT_LAYER_KEY, FINAL_NORM_KEY
 from verl_ext.bupo.schedule import FULL_POLICY
-from verl_ext.bupo.worker import BuPOActorRolloutRefWorker
+from verl_ext.bupo.worker import actor_rollout_ref_worker_cls
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,8 @@ class BuPOPhaseMixin:
         )
 
     def _bupo_step_metrics(self, layer: int) -> dict:
-        return {
-            "bupo/phase": 1.0 if layer != FULL_POLICY else 2.0,
-            "bupo/exit_layer": float(layer),
-            "bupo/paper_layer": float(layer + 1) if layer != FULL_POLICY else float("nan"),
-        }
+        """``bupo/phase`` (1 or 2) and ``bupo/exit_layer`` (0-based k, -1 = full policy)."""
+        return {"bupo/phase": 1.0 if layer != FULL_POLICY else 2.0, "bupo/exit_layer": float(layer)}
 
     def _every(self, freq: int) -> bool:
         return freq > 0 and (self.global_steps == 1 or self.global_steps % freq == 0)
@@ -73,15 +70,19 @@ class BuPOTrainerSync(BuPOPhaseMixin, PPOTrainerSync):
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
+        layers = tuple(sorted({st.layer for st in self.bupo.schedule_obj.stages}))
+        worker_cls = actor_rollout_ref_worker_cls(layers, self.bupo.self_test and self.bupo.phase1_active)
         for role in list(self.role_worker_mapping):
             if role in _ACTOR_ROLES:
-                self.role_worker_mapping[role] = ray.remote(BuPOActorRolloutRefWorker)
+                self.role_worker_mapping[role] = ray.remote(worker_cls)
 
     def _compute_old_log_prob(self, batch, metrics: dict):
         layer = self.bupo_exit_layer()
         if layer != self._bupo_last_layer:
             logger.warning(
-                "BuPO: step %d trains %s", self.global_steps, "the full policy" if layer < 0 else f"layer {layer}"
+                "BuPO: step %d trains %s",
+                self.global_steps,
+                "the full policy" if layer < 0 else f"layer {layer}",
             )
             self._bupo_last_layer = layer
         if layer != FULL_POLICY and self._every(self.bupo.full_policy_metrics_freq):

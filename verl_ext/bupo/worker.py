@@ -9,6 +9,7 @@ self-test on the real (sharded) model; the reference model and the rollout are u
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from contextlib import nullcontext
 
@@ -22,7 +23,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 import verl_ext.bupo.loss  # noqa: F401  (registers the "bupo" policy loss in this process)
 from verl_ext.bupo.engine import DIAGNOSE_KEY, EXIT_LAYER_KEY, bupoify
 from verl_ext.bupo.schedule import FULL_POLICY
-from verl_ext.slicing import check_slicing
+from verl_ext.slicing import check_slicing, num_layers, validate_layer
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,26 @@ def _numbers(value) -> list[float]:
 
 
 class BuPOTrainingWorker(TrainingWorker):
-    """verl's TrainingWorker whose engine runs pi^k when the batch asks for it."""
+    """verl's TrainingWorker whose engine runs pi^k when the batch asks for it.
+
+    Class attributes (set per run by :func:`actor_rollout_ref_worker_cls`): ``bupo_layers``, the
+    0-based exit layers the schedule will use (checked against the real model when it is built),
+    and ``bupo_run_self_test``.
+    """
+
+    bupo_layers: tuple[int, ...] = ()
+    bupo_run_self_test: bool = True
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def reset(self):
         super().reset()
         bupoify(self.engine)
         self._flops_cache: dict[int, FlopsCounter] = {}
-        self.bupo_self_test()
+        n_layers = num_layers(self.engine.module)
+        for layer in self.bupo_layers:
+            validate_layer(layer, n_layers, name="bupo.internal_layer")
+        if self.bupo_run_self_test:
+            self.bupo_self_test()
 
     def bupo_self_test(self) -> None:
         """Run :func:`~verl_ext.slicing.check_slicing` on the engine's real module (all ranks)."""
@@ -104,7 +117,9 @@ class BuPOActorRolloutRefWorker(ActorRolloutRefWorker):
         ``temperature``. Returns only scalar metrics (nothing is written back to the batch), averaged
         over all response tokens of all data-parallel ranks.
         """
-        return _reduce_response_means(self.actor, data, {"log_probs": "kl_internal_full", "entropy": "full_entropy"})
+        return _reduce_response_means(
+            self.actor, data, {"log_probs": "kl_internal_full", "entropy": "full_entropy"}
+        )
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def bupo_layer_entropy(self, data):
@@ -114,13 +129,28 @@ class BuPOActorRolloutRefWorker(ActorRolloutRefWorker):
         return layer_entropy_metrics(self.actor, data)
 
 
+@functools.cache
+def actor_rollout_ref_worker_cls(layers: tuple[int, ...] = (), self_test: bool = True) -> type:
+    """The hybrid worker class for one run: its actor checks ``layers`` and runs the self-test or not."""
+    if not layers and self_test:
+        return BuPOActorRolloutRefWorker
+    actor_cls = type(
+        "BuPOTrainingWorker",
+        (BuPOTrainingWorker,),
+        {"bupo_layers": tuple(layers), "bupo_run_self_test": self_test},
+    )
+    return type("BuPOActorRolloutRefWorker", (BuPOActorRolloutRefWorker,), {"actor_worker_cls": actor_cls})
+
+
 def _reduce_response_means(training_worker: TrainingWorker, data, fields: dict[str, str]):
     """Run ``infer_batch`` and average the named per-token outputs over response tokens, DP-wide."""
     from verl.workers.utils.padding import no_padding_2_padding
 
     if tu.get_non_tensor_data(data=data, key=DIAGNOSE_KEY, default=None) is None:
         raise ValueError(f"{DIAGNOSE_KEY} must be set for a diagnostics call")
-    tu.assign_non_tensor(data, **{EXIT_LAYER_KEY: FULL_POLICY, "calculate_entropy": True, "compute_loss": False})
+    tu.assign_non_tensor(
+        data, **{EXIT_LAYER_KEY: FULL_POLICY, "calculate_entropy": True, "compute_loss": False}
+    )
     response_mask = data["response_mask"]
     mask = (response_mask.to_padded_tensor(0) if response_mask.is_nested else response_mask).double()
     out = training_worker.infer_batch(data)
