@@ -55,6 +55,16 @@ def test_preset_composes_with_paper_settings(preset):
         assert cfg.data.apply_chat_template_kwargs.enable_thinking is False
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_passes_verls_own_validation(preset):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    with initialize_config_dir(config_dir=str(RECIPE_CONFIG), version_base=None):
+        cfg = compose("bupo_trainer", overrides=[f"preset={preset}"])
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
 SCRIPTS = sorted(p.name for p in (REPO / "examples").glob("run_*.sh"))
 
 
