@@ -30,8 +30,6 @@ def _full(worker) -> dict[str, torch.Tensor]:
 
 def _run(rank: int, model_dir: str, out_json: str, layer: int, init_file: str) -> None:
     import _verl_cpu as vc
-    from verl.utils import tensordict_utils as tu
-    from verl.workers.utils.padding import left_right_2_no_padding
 
     torch.set_num_threads(1)
     os.environ["MASTER_PORT"] = "29611"
@@ -39,26 +37,11 @@ def _run(rank: int, model_dir: str, out_json: str, layer: int, init_file: str) -
     cfg = vc.compose(model_dir, ["actor_rollout_ref.actor.ppo_mini_batch_size=4"])
     worker, _ = vc.build_actor(cfg)
 
+    prompts = [[5, 6, 7], [8, 9]] if rank == 0 else [[20, 21], [22, 23, 24]]
+    responses = [[10, 11, 12], [14, 15]] if rank == 0 else [[30, 31, 32, 33], [34]]
+
     def batch(phase_layer: int):
-        prompts = [[5, 6, 7], [8, 9]] if rank == 0 else [[20, 21], [22, 23, 24]]
-        responses = [[10, 11, 12], [14, 15]] if rank == 0 else [[30, 31, 32, 33], [34]]
-        b = vc.make_batch(prompts, responses)
-        R = b["responses"].shape[1]
-        b["old_log_probs"] = torch.full((2, R), -3.0)
-        b["advantages"] = torch.tensor([[1.0] * R, [-1.0] * R])
-        td = left_right_2_no_padding(b)
-        tu.assign_non_tensor(
-            td,
-            temperature=1.0,
-            calculate_entropy=True,
-            global_batch_size=4,
-            mini_batch_size=4,
-            epochs=1,
-            seed=1,
-            dataloader_kwargs={"shuffle": False},
-            bupo_exit_layer=phase_layer,
-        )
-        return td
+        return vc.make_update_batch(prompts, responses, phase_layer, global_batch_size=4)
 
     before = _full(worker)
     worker.train_mini_batch(batch(layer))

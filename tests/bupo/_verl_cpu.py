@@ -226,3 +226,27 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
         },
         batch_size=[B],
     )
+
+
+def make_update_batch(prompts, responses, layer: int, global_batch_size: int):
+    """A no-padding PPO update batch (advantage +1 for the first row, -1 for the others) for ``layer``."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    batch = make_batch(prompts, responses)
+    B, R = batch["responses"].shape
+    batch["old_log_probs"] = torch.full((B, R), -3.0)
+    batch["advantages"] = torch.tensor([[1.0] * R] + [[-1.0] * R] * (B - 1))
+    td = left_right_2_no_padding(batch)
+    tu.assign_non_tensor(
+        td,
+        temperature=1.0,
+        calculate_entropy=True,
+        global_batch_size=global_batch_size,
+        mini_batch_size=global_batch_size,
+        epochs=1,
+        seed=1,
+        dataloader_kwargs={"shuffle": False},
+        bupo_exit_layer=layer,
+    )
+    return td

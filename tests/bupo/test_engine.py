@@ -117,29 +117,6 @@ def test_policy_diagnostics_match_plain_kl(verl_cpu, actor):
     assert kl_ref > 0
 
 
-def _update_batch(verl_cpu, layer: int):
-    from verl.utils import tensordict_utils as tu
-    from verl.workers.utils.padding import left_right_2_no_padding
-
-    batch = verl_cpu.make_batch(PROMPTS[:2], RESPONSES[:2])
-    R = batch["responses"].shape[1]
-    batch["old_log_probs"] = torch.full((2, R), -3.0)
-    batch["advantages"] = torch.tensor([[1.0] * R, [-1.0] * R])
-    td = left_right_2_no_padding(batch)
-    tu.assign_non_tensor(
-        td,
-        temperature=1.0,
-        calculate_entropy=True,
-        global_batch_size=2,
-        mini_batch_size=2,
-        epochs=1,
-        seed=1,
-        dataloader_kwargs={"shuffle": False},
-        bupo_exit_layer=layer,
-    )
-    return td
-
-
 def _snapshot(worker) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().full_tensor().clone() if hasattr(v, "full_tensor") else v.detach().clone()
@@ -152,7 +129,7 @@ def test_phase1_update_changes_only_lower_layers_then_phase2_changes_all(verl_cp
     cfg = verl_cpu.compose(str(path))
     worker, _ = verl_cpu.build_actor(cfg)
     before = _snapshot(worker)
-    out = worker.train_mini_batch(_update_batch(verl_cpu, LAYER))
+    out = worker.train_mini_batch(verl_cpu.make_update_batch(PROMPTS[:2], RESPONSES[:2], LAYER, 2))
     metrics = out["metrics"]
     assert metrics["bupo/phase"] == [1.0] and metrics["bupo/exit_layer"] == [1.0]
     assert metrics["bupo/tokens_per_s"][0] > 0
@@ -167,7 +144,7 @@ def test_phase1_update_changes_only_lower_layers_then_phase2_changes_all(verl_cp
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
     assert any(f"layers.{LAYER}." in k for k in changed) and any("layers.0." in k for k in changed)
 
-    worker.train_mini_batch(_update_batch(verl_cpu, -1))
+    worker.train_mini_batch(verl_cpu.make_update_batch(PROMPTS[:2], RESPONSES[:2], -1, 2))
     after2 = _snapshot(worker)
     unchanged = [k for k in before if torch.equal(after1[k], after2[k])]
     assert not unchanged, f"phase 2 left {unchanged} unchanged"

@@ -31,8 +31,18 @@ _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
 _ROLLOUT_DIFF_PREFIX = "training/rollout_"
 
 
-class BuPOPhaseMixin:
-    """Phase logic shared by BuPO trainers; needs ``self.bupo``, ``self.global_steps``, ``self.config``."""
+@register_trainer(TRAINER_NAME)
+class BuPOTrainerSync(PPOTrainerSync):
+    """V1 sync trainer with BuPO's internal-policy phase (see module docstring)."""
+
+    def __init__(self, config):
+        # The driver (main_bupo) already ran every check; the actor self-tests the real model.
+        self.bupo = validate_config(config, self_test=False)
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = "sync"  # verl's code paths test for the exact string
+        super().__init__(config)
+        self._bupo_last_layer: int | None = None
+        logger.info("BuPO schedule: %s", self.bupo.schedule_obj.describe())
 
     def bupo_exit_layer(self) -> int:
         """0-based exit layer for the current global step, or -1 (full policy)."""
@@ -54,19 +64,6 @@ class BuPOPhaseMixin:
 
     def _every(self, freq: int) -> bool:
         return freq > 0 and (self.global_steps == 1 or self.global_steps % freq == 0)
-
-
-@register_trainer(TRAINER_NAME)
-class BuPOTrainerSync(BuPOPhaseMixin, PPOTrainerSync):
-    """V1 sync trainer with BuPO's internal-policy phase (see module docstring)."""
-
-    def __init__(self, config):
-        self.bupo = validate_config(config)
-        with open_dict(config):
-            config.trainer.v1.trainer_mode = "sync"  # verl's code paths test for the exact string
-        super().__init__(config)
-        self._bupo_last_layer: int | None = None
-        logger.info("BuPO schedule: %s", self.bupo.schedule_obj.describe())
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
