@@ -18,7 +18,8 @@ Two backends:
   bf16 rounding of the inputs themselves; the chunked path, given the same bf16 inputs, accumulates
   the same way.
 
-``backend="auto"`` uses Triton for CUDA tensors when verl and Triton import, the chunked path otherwise.
+``backend="auto"`` uses Triton for CUDA tensors whose hidden size is a multiple of 128 when verl and
+Triton import (every Qwen2/Qwen3/Llama size), the chunked path otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import functools
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
+TRITON_HIDDEN_MULTIPLE = 128
+"""verl's Triton head kernel asserts ``hidden_size % 128 == 0``; ``auto`` falls back to chunked otherwise."""
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -181,13 +184,18 @@ def fused_log_probs_entropy(
         backend == "auto"
         and hidden.is_cuda
         and hidden.dtype != torch.float64
+        and hidden.shape[-1] % TRITON_HIDDEN_MULTIPLE == 0
         and _triton_kernel() is not None
     )
     if use_triton:
         kernel = _triton_kernel()
         if kernel is None or not hidden.is_cuda:
             raise RuntimeError("backend='triton' needs CUDA tensors and verl's Triton kernel")
-        log_probs, entropy = kernel(flat_h.contiguous(), weight, flat_y, float(temperature), "none")
+        if hidden.shape[-1] % TRITON_HIDDEN_MULTIPLE:
+            raise ValueError(f"backend='triton' needs a hidden size divisible by {TRITON_HIDDEN_MULTIPLE}")
+        log_probs, entropy = kernel(
+            flat_h.contiguous(), weight.contiguous(), flat_y, float(temperature), "none"
+        )
         log_probs, entropy = _ContiguousGrad.apply(log_probs.float()), _ContiguousGrad.apply(entropy.float())
     else:
         log_probs, entropy = _ChunkedLinearLogProbEntropy.apply(

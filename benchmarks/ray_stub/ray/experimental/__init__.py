@@ -1,0 +1,1 @@
+"""``ray.experimental`` of the GPU-check stub."""
