@@ -139,6 +139,31 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and _triton_kernel() is not None
 
 
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """The head implementation ``backend`` selects for ``hidden``: ``"triton"`` or ``"chunked"``.
+
+    ``auto`` picks verl's Triton kernel for CUDA tensors (not float64) whose hidden size is a
+    multiple of :data:`TRITON_HIDDEN_MULTIPLE` when verl and Triton import, the chunked path otherwise.
+
+    Raises:
+        ValueError: unknown backend, or ``triton`` on a hidden size the kernel does not support.
+        RuntimeError: ``triton`` without CUDA tensors or without verl's kernel.
+    """
+    if backend not in ("auto", "chunked", "triton"):
+        raise ValueError(f"backend must be 'auto', 'chunked' or 'triton', got {backend!r}")
+    if backend == "chunked":
+        return "chunked"
+    usable = hidden.is_cuda and _triton_kernel() is not None
+    if backend == "triton":
+        if not usable:
+            raise RuntimeError("backend='triton' needs CUDA tensors and verl's Triton kernel")
+        if hidden.shape[-1] % TRITON_HIDDEN_MULTIPLE:
+            raise ValueError(f"backend='triton' needs a hidden size divisible by {TRITON_HIDDEN_MULTIPLE}")
+        return "triton"
+    ok = usable and hidden.dtype != torch.float64 and hidden.shape[-1] % TRITON_HIDDEN_MULTIPLE == 0
+    return "triton" if ok else "chunked"
+
+
 def fused_log_probs_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -164,8 +189,6 @@ def fused_log_probs_entropy(
         ``(log_probs, entropy)``, both float32 (float64 for float64 inputs), shaped like ``labels``
         (``hidden.shape[:-1]``). Gradients flow to ``hidden`` and ``weight`` through both.
     """
-    if backend not in ("auto", "chunked", "triton"):
-        raise ValueError(f"backend must be 'auto', 'chunked' or 'triton', got {backend!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size <= 0:
@@ -180,19 +203,8 @@ def fused_log_probs_entropy(
         if labels.shape != lead:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden {tuple(lead)}")
         flat_y = labels.reshape(-1).long()
-    use_triton = backend == "triton" or (
-        backend == "auto"
-        and hidden.is_cuda
-        and hidden.dtype != torch.float64
-        and hidden.shape[-1] % TRITON_HIDDEN_MULTIPLE == 0
-        and _triton_kernel() is not None
-    )
-    if use_triton:
+    if resolve_backend(backend, hidden) == "triton":
         kernel = _triton_kernel()
-        if kernel is None or not hidden.is_cuda:
-            raise RuntimeError("backend='triton' needs CUDA tensors and verl's Triton kernel")
-        if hidden.shape[-1] % TRITON_HIDDEN_MULTIPLE:
-            raise ValueError(f"backend='triton' needs a hidden size divisible by {TRITON_HIDDEN_MULTIPLE}")
         log_probs, entropy = kernel(
             flat_h.contiguous(), weight.contiguous(), flat_y, float(temperature), "none"
         )

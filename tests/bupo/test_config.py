@@ -59,11 +59,13 @@ def test_paper_preset_is_valid():
         ("trainer.use_v1=false", "trainer.use_v1=false"),
         ("trainer.v1.trainer_mode=separate_async", "trainer.v1.trainer_mode=separate_async"),
         ("actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.n < 2"),
+        ("actor_rollout_ref.actor.strategy=megatron", "BuPO supports fsdp and fsdp2 only"),
+        ("bupo.layer_entropy_freq=5 actor_rollout_ref.actor.strategy=fsdp", "use strategy=fsdp2"),
     ],
 )
 def test_rejections_name_key_and_fix(override, key):
     with pytest.raises(BuPOConfigError) as err:
-        validate_config(_cfg(override), hf_config=QWEN3_4B)
+        validate_config(_cfg(*override.split()), hf_config=QWEN3_4B)
     assert key in str(err.value)
 
 

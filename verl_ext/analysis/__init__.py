@@ -17,8 +17,10 @@ from verl_ext.analysis.decompose import (
     ProfileAccumulator,
     decompose_capture,
     entropy_profile,
+    full_head_weight,
     layer_entropy_profile,
     profile_batch,
+    subsample_mask,
 )
 
 __all__ = [
@@ -36,8 +38,10 @@ __all__ = [
     "decompose_capture",
     "entropy_profile",
     "find_boundary_layer",
+    "full_head_weight",
     "layer_entropy_profile",
     "prediction_mask",
     "profile_batch",
     "response_token_mask",
+    "subsample_mask",
 ]

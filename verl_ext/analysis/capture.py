@@ -129,7 +129,9 @@ class LayerCapture:
                 )
             self._handles.append(layer.input_layernorm.register_forward_hook(self._hook("attn_in", l)))
             self._handles.append(layer.self_attn.register_forward_hook(self._hook("attn", l)))
-            self._handles.append(layer.post_attention_layernorm.register_forward_hook(self._hook("ffn_in", l)))
+            self._handles.append(
+                layer.post_attention_layernorm.register_forward_hook(self._hook("ffn_in", l))
+            )
             self._handles.append(layer.mlp.register_forward_hook(self._hook("ffn", l)))
             self._handles.append(layer.register_forward_hook(self._hook("hidden", l, count=k)))
         return self
@@ -171,13 +173,17 @@ class LayerCapture:
     def _get(self, stream: str, l: int) -> torch.Tensor:  # noqa: E741
         lo = 0 if stream == "hidden" else 1
         if not lo <= l <= self.n_layers:
-            raise ValueError(f"layer l={l} out of range {lo}..{self.n_layers} (1-based paper index) for {stream}")
+            raise ValueError(
+                f"layer l={l} out of range {lo}..{self.n_layers} (1-based paper index) for {stream}"
+            )
         if self._sink is not None:
             raise RuntimeError("this capture streams to a sink and stores nothing")
         try:
             return self.streams[(stream, l)]
         except KeyError:
-            raise RuntimeError(f"{stream} of layer {l} was not captured: did the forward run inside the context?") from None
+            raise RuntimeError(
+                f"{stream} of layer {l} was not captured: did the forward run inside the context?"
+            ) from None
 
     def hidden(self, l: int) -> torch.Tensor:  # noqa: E741
         """H^l (raw, no final norm) for l = 0..L; H^0 is the embedding output. Shape ``[n, H]``."""

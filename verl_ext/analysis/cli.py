@@ -36,7 +36,9 @@ class Example:
 def _resolve_data_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
-        dumps = sorted(p.glob("*.jsonl"), key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0))
+        dumps = sorted(
+            p.glob("*.jsonl"), key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0)
+        )
         numbered = [f for f in dumps if f.stem.isdigit()]
         if not dumps:
             raise FileNotFoundError(f"no *.jsonl validation dump in directory {p}")
@@ -82,7 +84,9 @@ def _as_responses(value) -> list[str]:
 def _pick(columns, explicit: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str | None:
     if explicit is not None:
         if explicit not in columns:
-            raise ValueError(f"{path}: missing {what} column {explicit!r}; available columns: {list(columns)}")
+            raise ValueError(
+                f"{path}: missing {what} column {explicit!r}; available columns: {list(columns)}"
+            )
         return explicit
     return next((c for c in candidates if c in columns), None)
 
@@ -198,7 +202,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, batch_size: int, pad_id: int
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    pad_id: int,
 ) -> list[list[int]]:
     """Sample responses with Hugging Face ``generate`` (left-padded batches); each response is cut after
     its first EOS token (EOS kept, as in verl's response mask)."""
@@ -275,8 +286,7 @@ def profile_model(
     from tqdm import tqdm
 
     from verl_ext.analysis.capture import check_supported
-    from verl_ext.analysis.decompose import ProfileAccumulator, profile_batch
-    from verl_ext.internal_policy import lm_head_weight
+    from verl_ext.analysis.decompose import ProfileAccumulator, full_head_weight, profile_batch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prompts = [encode_prompt(tokenizer, ex.prompt, chat_template_kwargs) for ex in examples]
@@ -303,7 +313,7 @@ def profile_model(
     device = next(model.parameters()).device
     acc = ProfileAccumulator(
         len(decoder.layers),
-        lm_head_weight(model),
+        full_head_weight(model),
         final_norm=decoder.norm if final_norm else None,
         chunk_size=chunk_size,
     )
@@ -329,26 +339,43 @@ def build_parser() -> argparse.ArgumentParser:
         "internal layer and module policies, their changes dH_ATTN/dH_FFN, plots and the boundary layer.",
     )
     p.add_argument("--model", action="append", required=True, help="HF model dir (repeat to overlay several)")
-    p.add_argument("--label", action="append", default=None, help="legend label per --model (default: dir name)")
+    p.add_argument(
+        "--label", action="append", default=None, help="legend label per --model (default: dir name)"
+    )
     p.add_argument("--data", required=True, help="verl parquet, validation dump .jsonl, or a dump directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1...")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1..."
+    )
     p.add_argument("--limit", type=int, default=64, help="max number of (prompt, response) samples (0 = all)")
-    p.add_argument("--final-norm", action="store_true", help="logit-lens convention (default: raw, as the paper)")
-    p.add_argument("--generate", action="store_true", help="sample the responses with each model (HF generate)")
+    p.add_argument(
+        "--final-norm", action="store_true", help="logit-lens convention (default: raw, as the paper)"
+    )
+    p.add_argument(
+        "--generate", action="store_true", help="sample the responses with each model (HF generate)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --generate (0 = greedy)")
-    p.add_argument("--max-response-length", type=int, default=None, help="truncate responses to this many tokens")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature for --generate (0 = greedy)"
+    )
+    p.add_argument(
+        "--max-response-length", type=int, default=None, help="truncate responses to this many tokens"
+    )
     p.add_argument("--prompt-column", default=None)
     p.add_argument("--response-column", default=None)
     p.add_argument(
         "--chat-template-kwargs",
         default=None,
-        help='JSON passed to apply_chat_template, e.g. \'{"enable_thinking": false}\'',
+        help="JSON passed to apply_chat_template, e.g. '{\"enable_thinking\": false}'",
     )
-    p.add_argument("--chunk-size", type=int, default=1024, help="token rows per fused-head chunk")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="token rows per fused-head chunk (default 128 on CPU, where small chunks are fastest, else 1024)",
+    )
     p.add_argument("--eps", type=float, default=0.0, help="boundary rule tolerance (nats) for dH_FFN ~ 0")
     p.add_argument("--attn-implementation", default=None, help="e.g. eager, sdpa, flash_attention_2")
     p.add_argument("--seed", type=int, default=0)
@@ -391,7 +418,7 @@ def run(args: argparse.Namespace) -> dict:
             examples,
             batch_size=args.batch_size,
             final_norm=args.final_norm,
-            chunk_size=args.chunk_size,
+            chunk_size=args.chunk_size or (128 if str(args.device).startswith("cpu") else 1024),
             generate=args.generate,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,

@@ -60,9 +60,15 @@ COLUMNS: list[str] = [
 _STATS = ("entropy", "baseline", "delta", "positive", "cosine")
 
 
+def _no_autocast(t: torch.Tensor):
+    """Disable autocast (e.g. the actor's bf16 autocast) so the head and cosines keep their dtypes."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(torch.float32, a.dtype)
-    return torch.nn.functional.cosine_similarity(a.to(dtype), b.to(dtype), dim=-1, eps=1e-12)
+    with _no_autocast(a):
+        return torch.nn.functional.cosine_similarity(a.to(dtype), b.to(dtype), dim=-1, eps=1e-12)
 
 
 class ProfileAccumulator:
@@ -102,18 +108,31 @@ class ProfileAccumulator:
         self._embed_sum = 0.0
         self._embed_count = 0
         self._state: dict[str, torch.Tensor] = {}
+        self._wide_weight: torch.Tensor | None = None
 
     # -- per-stream work --------------------------------------------------------------------------
     @torch.no_grad()
     def entropy(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-row entropy (nats) of softmax(x E_u^T), x = rows or norm_f(rows); float32 (float64 in)."""
+        """Per-row entropy (nats) of softmax(x E_u^T), x = rows or norm_f(rows); float32 (float64 in).
+
+        Rows and weight are brought to the wider of their two dtypes and autocast is disabled, so an
+        fp32 head is never rounded and bf16 rows are accumulated in fp32 (as the fused head does).
+        """
         if rows.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=rows.device)
         x = self.final_norm(rows) if self.final_norm is not None else rows
         w = self.head_weight
         if x.device != w.device:
             x = x.to(w.device)
-        _, ent = fused_log_probs_entropy(x, w, None, chunk_size=self.chunk_size, backend=self.backend)
+        if x.dtype != w.dtype:  # one dtype for both (the Triton kernel needs it); never round down the rows
+            wide = torch.promote_types(x.dtype, w.dtype)
+            if w.dtype != wide:
+                if self._wide_weight is None or self._wide_weight.dtype != wide:
+                    self._wide_weight = w.to(wide)
+                w = self._wide_weight
+            x = x.to(wide)
+        with _no_autocast(x):  # under autocast the chunked head's matmul would round the logits to bf16
+            _, ent = fused_log_probs_entropy(x, w, None, chunk_size=self.chunk_size, backend=self.backend)
         return ent
 
     def _record(self, module: str, l: int, ent, base, cos) -> None:  # noqa: E741
@@ -140,7 +159,9 @@ class ProfileAccumulator:
         if "h" not in st:
             raise RuntimeError(f"stream {stream} of layer {l} arrived before the embedding H^0")
         if rows.shape[0] != st["h"].shape[0]:
-            raise RuntimeError(f"stream {stream} of layer {l} has {rows.shape[0]} rows, expected {st['h'].shape[0]}")
+            raise RuntimeError(
+                f"stream {stream} of layer {l} has {rows.shape[0]} rows, expected {st['h'].shape[0]}"
+            )
         if stream in ("attn_in", "ffn_in"):
             st[stream + "_ent"] = self.entropy(rows)
         elif stream == "attn":
@@ -222,11 +243,44 @@ class ProfileAccumulator:
         return out
 
 
+def full_head_weight(model: nn.Module) -> torch.Tensor:
+    """The model's LM head E_u ``[V, H]``, detached; an FSDP2 (DTensor) weight is all-gathered.
+
+    Gathering is a collective: under FSDP2 every rank must call this (as it must run the forward).
+    FSDP1 keeps flat, sharded parameters outside its forward: pass ``head_weight`` explicitly there
+    (e.g. gathered under ``summon_full_params``).
+    """
+    w = lm_head_weight(model).detach()
+    if hasattr(w, "full_tensor"):  # torch.distributed.tensor.DTensor
+        w = w.full_tensor()
+    return w
+
+
+def subsample_mask(token_mask: torch.Tensor, max_tokens: int | None, seed: int = 0) -> torch.Tensor:
+    """Keep at most ``max_tokens`` of the True entries of ``token_mask``, chosen uniformly at random
+    (a fixed ``seed``, so every call with the same mask keeps the same tokens)."""
+    if max_tokens is None:
+        return token_mask
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    flat = token_mask.reshape(-1).bool()
+    idx = flat.nonzero().squeeze(-1)
+    if idx.numel() <= max_tokens:
+        return token_mask.bool()
+    g = torch.Generator().manual_seed(seed)
+    keep = idx[torch.randperm(idx.numel(), generator=g)[:max_tokens].to(idx.device)]
+    out = torch.zeros_like(flat)
+    out[keep] = True
+    return out.reshape(token_mask.shape)
+
+
 def _forward_kwargs(model: nn.Module, attention_mask, position_ids, extra: dict | None) -> dict:
     kwargs: dict = dict(use_cache=False)
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
-        kwargs["position_ids"] = position_ids if position_ids is not None else position_ids_from_mask(attention_mask)
+        kwargs["position_ids"] = (
+            position_ids if position_ids is not None else position_ids_from_mask(attention_mask)
+        )
     elif position_ids is not None:
         kwargs["position_ids"] = position_ids
     try:
@@ -285,7 +339,7 @@ def profile_batch(
     if accumulator is None:
         accumulator = ProfileAccumulator(
             len(decoder.layers),
-            head_weight if head_weight is not None else lm_head_weight(model),
+            head_weight if head_weight is not None else full_head_weight(model),
             final_norm=decoder.norm if final_norm else None,
             chunk_size=chunk_size,
             backend=backend,
@@ -345,6 +399,7 @@ def layer_entropy_profile(
     backend: str = "auto",
     prefix: str = "bupo",
     forward_kwargs: dict | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Per-layer internal policy entropy metrics for training telemetry (one no-grad forward).
 
@@ -362,10 +417,17 @@ def layer_entropy_profile(
         position_ids: default derived from ``attention_mask``.
         final_norm: False = paper convention (raw streams); True = logit lens.
         chunk_size: token rows per fused-head chunk.
-        head_weight: full LM head ``[V, H]`` if the model's is sharded outside the forward (FSDP2).
+        head_weight: full LM head ``[V, H]``; default the model's, all-gathered when it is an FSDP2
+            DTensor (see :func:`full_head_weight`); pass it under FSDP1.
         backend: fused-head backend.
         prefix: metric name prefix.
         forward_kwargs: extra keyword arguments for the top-level forward.
+        max_tokens: average over at most this many of the selected rows (a fixed random subset,
+            :func:`subsample_mask`); the forward still runs over the whole batch given.
+
+    Cost: one no-grad forward over ``input_ids`` plus 5L+1 head projections of the selected rows,
+    about ``(5L + 1) * 2 * H * V`` FLOPs per selected token (for Qwen3-4B about 18 forward passes'
+    worth per token): size the sub-sample (``max_tokens``) to the step.
 
     Returns:
         ``{f"{prefix}/layer_entropy/<l>", f"{prefix}/attn_entropy/<l>", f"{prefix}/ffn_entropy/<l>",
@@ -376,7 +438,7 @@ def layer_entropy_profile(
         model,
         input_ids,
         attention_mask,
-        token_mask,
+        subsample_mask(token_mask, max_tokens),
         position_ids=position_ids,
         final_norm=final_norm,
         chunk_size=chunk_size,

@@ -69,7 +69,9 @@ def plot_layer_entropy(profiles: Profiles, path: str | os.PathLike, boundaries: 
         axes[0].plot(xs, ys, marker="o", ms=3, color=c, label=label)
         for mod, style in (("attn", "-"), ("ffn", "--")):
             m = _module(df, mod)
-            axes[1].plot(m["layer"], m["entropy"], style, marker=".", ms=3, color=c, label=f"{label} {mod.upper()}")
+            axes[1].plot(
+                m["layer"], m["entropy"], style, marker=".", ms=3, color=c, label=f"{label} {mod.upper()}"
+            )
         bl = _boundary_layer(boundaries, label)
         if bl is not None:
             for ax in axes:

@@ -153,6 +153,11 @@ def check_verl_config(config: Any, bupo: BuPOConfig) -> None:
     strategy = _get(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ("fsdp", "fsdp2"):
         errors.append(f"actor_rollout_ref.actor.strategy={strategy}: BuPO supports fsdp and fsdp2 only")
+    if bupo.layer_entropy_freq and strategy == "fsdp":
+        errors.append(
+            "bupo.layer_entropy_freq > 0 with actor_rollout_ref.actor.strategy=fsdp: the telemetry gathers the "
+            "LM head from FSDP2 shards; use strategy=fsdp2 or set bupo.layer_entropy_freq=0"
+        )
     if _get(config, "algorithm.adv_estimator") == "grpo" and (
         _get(config, "actor_rollout_ref.rollout.n", 1) < 2
     ):

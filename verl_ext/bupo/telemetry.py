@@ -18,8 +18,11 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.device import get_device_name
 
 from verl_ext.analysis import layer_entropy_profile
+from verl_ext.analysis.decompose import full_head_weight
 from verl_ext.bupo.engine import CHUNK_KEY, FINAL_NORM_KEY
-from verl_ext.internal_policy import lm_head_weight
+from verl_ext.slicing import num_layers
+
+METRIC_NAMES = ("layer_entropy", "attn_entropy", "ffn_entropy", "delta_attn", "delta_ffn")
 
 
 def dense_batch(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,12 +49,6 @@ def dense_batch(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     return input_ids, attention, position_ids, token_mask
 
 
-def full_head_weight(module) -> torch.Tensor:
-    """The LM head weight, gathered to a plain tensor when FSDP2 shards it (a collective: all ranks)."""
-    weight = lm_head_weight(module)
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-
-
 def layer_entropy_metrics(training_worker, data):
     """Run the profile on ``data`` with the actor engine's module; return DP-averaged scalar metrics."""
     engine = training_worker.engine
@@ -74,8 +71,10 @@ def layer_entropy_metrics(training_worker, data):
                 chunk_size=chunk,
                 head_weight=weight,
             )
-    count = float(token_mask.sum())
-    keys = sorted(metrics)
+    count = float(token_mask.sum()) if metrics else 0.0
+    # The same keys on every rank (a rank without response tokens gets {} from the profile).
+    n_layers = num_layers(engine.module)
+    keys = [f"bupo/{name}/{layer}" for name in METRIC_NAMES for layer in range(1, n_layers + 1)]
     if torch.distributed.is_initialized():
         buf = torch.tensor(
             [metrics.get(k, 0.0) * count for k in keys] + [count], dtype=torch.float64, device=device
