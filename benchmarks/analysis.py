@@ -25,7 +25,7 @@ Each variant runs ``--repeats`` times, each time in a fresh process, interleaved
 (load drift hits both alike). Prints one JSON line per variant (median time and peak MB over the
 repeats) and one with the ratios (and the largest difference between the two tables, in nats).
 
-    cd /work/main && . .venv/bin/activate && python benchmarks/analysis.py --shape small --batch 2 \
+    python benchmarks/analysis.py --shape small --batch 2 \
         --prompt-len 128 --response-len 512 --repeats 2
 
 Measured (2-core shared CPU box, 1 thread, small shape, 2 x (128 + 512) tokens, 1024 response tokens):

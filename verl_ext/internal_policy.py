@@ -125,10 +125,17 @@ def call_head(model: nn.Module, fn, hidden: torch.Tensor):
 
     Going through the head module's ``__call__`` lets an FSDP wrapper of the head unshard its weight
     for the call (and for backward), exactly as for the normal ``lm_head(hidden)``; ``fn`` sees the
-    full ``[V, H]`` weight. The head module is restored afterwards.
+    full ``[V, H]`` weight. The head module is restored afterwards. Outputs that are views are
+    returned as their own tensors: FSDP2 hooks the head's outputs for backward, and an in-place op on
+    a view would silently drop that hook.
     """
     head = unwrap_model(model).get_output_embeddings()
-    with override_forward(head, lambda h: fn(h, head.weight)):
+
+    def forward(h):
+        out = fn(h, head.weight)
+        return tuple(t.clone() if t._base is not None else t for t in out)
+
+    with override_forward(head, forward):
         return head(hidden)
 
 
