@@ -17,7 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from verl_ext.fused_head import DEFAULT_CHUNK_SIZE, fused_log_probs_entropy
-from verl_ext.slicing import exit_after_layer, find_decoder, unwrap_model
+from verl_ext.slicing import exit_after_layer, find_decoder, override_forward, unwrap_model
 
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
@@ -95,21 +95,6 @@ def internal_log_probs(
         log_probs = log_probs.masked_fill(~valid, 0.0)
         entropy = entropy.masked_fill(~valid, 0.0)
     return log_probs, entropy
-
-
-@contextlib.contextmanager
-def override_forward(module: nn.Module, forward) -> Iterator[None]:
-    """Set ``module.forward`` on this instance only, restoring whatever was there on exit."""
-    had = "forward" in module.__dict__
-    saved = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if had:
-            module.forward = saved
-        else:
-            del module.forward
 
 
 @dataclass

@@ -95,6 +95,21 @@ def validate_layer(layer: int, n_layers: int, name: str = "layer") -> int:
     return layer
 
 
+@contextlib.contextmanager
+def override_forward(module: nn.Module, forward) -> Iterator[None]:
+    """Set ``module.forward`` on this instance only, restoring whatever was there on exit."""
+    had = "forward" in module.__dict__
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = saved
+        else:
+            del module.forward
+
+
 def _identity(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return hidden_states
 
@@ -123,21 +138,13 @@ def exit_after_layer(model: nn.Module, layer: int, final_norm: bool = False) -> 
         raise RuntimeError("exit_after_layer is already active on this model; nesting is not supported")
     config = decoder.config
     saved_n = config.num_hidden_layers
-    norm = decoder.norm
-    had_forward_attr = "forward" in norm.__dict__
-    saved_forward = norm.__dict__.get("forward")
     setattr(decoder, _ACTIVE_ATTR, True)
     try:
         config.num_hidden_layers = layer + 1
-        if not final_norm:
-            norm.forward = _identity
-        yield decoder
+        with override_forward(decoder.norm, _identity) if not final_norm else contextlib.nullcontext():
+            yield decoder
     finally:
         config.num_hidden_layers = saved_n
-        if had_forward_attr:
-            norm.forward = saved_forward
-        elif "forward" in norm.__dict__:
-            del norm.forward
         setattr(decoder, _ACTIVE_ATTR, False)
 
 
