@@ -27,6 +27,15 @@ ARCHS = ["qwen3", "qwen2", "llama"]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run far faster on one thread (no OpenMP hand-offs on a shared, busy CPU)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

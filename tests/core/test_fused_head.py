@@ -21,15 +21,6 @@ from verl_ext.fused_head import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread (no OpenMP hand-offs on a shared, busy CPU)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _inputs(n: int, v: int, h: int = 16, dtype=torch.float32, seed: int = 0, scale: float = 1.0, lead=None):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(n, h, generator=g, dtype=torch.float64) * scale).to(dtype)

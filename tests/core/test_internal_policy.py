@@ -24,15 +24,6 @@ N_LAYERS = 4  # of the conftest tiny models
 LENGTHS = [9, 5, 1, 7]  # left-padded, odd lengths, one single-token row
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread (no OpenMP hand-offs on a shared, busy CPU)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Independent of position_ids_from_mask: count the real tokens before each position."""
     pos = torch.zeros_like(mask)
