@@ -18,11 +18,12 @@ def main(config) -> None:
     from verl.utils.device import auto_set_device
 
     from verl_ext.bupo.config import validate_config
-    from verl_ext.bupo.runner import BuPOTaskRunner
+    from verl_ext.bupo.runner import BuPOTaskRunner, keep_resumed_file_logs
 
     bupo = validate_config(config)  # fails here, before Ray starts, with the key and the fix
     print(f"BuPO schedule: {bupo.schedule_obj.describe()}")
     auto_set_device(config)
+    keep_resumed_file_logs(config)
     verl_validate_config(
         config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
     )
