@@ -47,6 +47,18 @@ def _convention(profiles: dict[str, pd.DataFrame]) -> str:
     return "/".join(conv)
 
 
+def _finish(fig, axes, path: str | os.PathLike) -> str:
+    """Integer layer ticks, grid and legend on every panel; write the PNG and close the figure."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)
+
+
 def plot_layer_entropy(profiles: Profiles, path: str | os.PathLike, boundaries: Boundaries = None) -> str:
     """Internal layer policy entropy H_Layer^l across depth, one line per label (l = 0 is H^0).
 
@@ -82,15 +94,7 @@ def plot_layer_entropy(profiles: Profiles, path: str | os.PathLike, boundaries: 
     axes[0].set_ylabel("entropy (nats)")
     axes[1].set_title(f"Internal modular policy entropy ({conv})")
     axes[1].set_xlabel("layer l")
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.fspath(path)
+    return _finish(fig, axes, path)
 
 
 def plot_delta_entropy(profiles: Profiles, path: str | os.PathLike, boundaries: Boundaries = None) -> str:
@@ -121,10 +125,4 @@ def plot_delta_entropy(profiles: Profiles, path: str | os.PathLike, boundaries: 
         ax.set_title(f"dH_{name} per layer ({conv})")
         ax.set_xlabel("layer l")
         ax.set_ylabel("entropy change (nats)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.fspath(path)
+    return _finish(fig, axes, path)
