@@ -124,6 +124,37 @@ def call_head(model: nn.Module, fn, hidden: torch.Tensor):
         return head(hidden)
 
 
+_HEAD_OR_GENERATION_KWARGS = (
+    "shift_labels",
+    "labels",
+    "return_dict",
+    "use_cache",
+    "output_hidden_states",
+    "output_attentions",
+    "logits_to_keep",
+    "cache_position",
+)
+
+
+def _decoder_hidden(
+    decoder: nn.Module, input_ids, attention_mask, position_ids, kwargs: dict
+) -> torch.Tensor:
+    """The decoder's last hidden state for a causal-LM-style call (no KV cache).
+
+    Keyword arguments meant for the LM head or for generation are dropped from ``kwargs``.
+    """
+    for key in _HEAD_OR_GENERATION_KWARGS:
+        kwargs.pop(key, None)
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 @contextlib.contextmanager
 def internal_policy_forward(
     model: nn.Module,
@@ -165,16 +196,7 @@ def internal_policy_forward(
     ):
         if isinstance(temperature, torch.Tensor):
             raise ValueError("the internal-policy forward needs one scalar temperature per micro-batch")
-        for key in ("output_hidden_states", "output_attentions", "logits_to_keep", "cache_position"):
-            kwargs.pop(key, None)
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        )
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = _decoder_hidden(decoder, input_ids, attention_mask, position_ids, kwargs)
         if shift_labels is None:
             source = labels if labels is not None else input_ids
             shift_labels = torch.roll(source, shifts=-1, dims=-1)
@@ -222,24 +244,8 @@ def policy_divergence_forward(
         captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, temperature=1.0, **kwargs):
-        for key in (
-            "shift_labels",
-            "labels",
-            "return_dict",
-            "use_cache",
-            "output_hidden_states",
-            "logits_to_keep",
-        ):
-            kwargs.pop(key, None)
         captured.clear()
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        )
-        final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        final = _decoder_hidden(decoder, input_ids, attention_mask, position_ids, kwargs)
         inner = captured[-1]
         if final_norm:
             inner = decoder.norm(inner)
