@@ -9,19 +9,12 @@ import sys
 import pytest
 from _verl_cpu import RECIPE_CONFIG  # noqa: I001
 from hydra import compose, initialize_config_dir
-from transformers import GPT2Config, LlamaConfig, Qwen3Config
+from transformers import GPT2Config
 
 from verl_ext.bupo.config import BuPOConfig, BuPOConfigError, validate_config
+from verl_ext.random_models import make_config
 
-QWEN3_4B = Qwen3Config(
-    num_hidden_layers=36,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=128,
-)
+QWEN3_4B = make_config("qwen3", num_hidden_layers=36, vocab_size=128)  # Qwen3-4B depth, tiny width
 
 
 def _cfg(*overrides: str, preset: str = "qwen3_4b"):
@@ -94,14 +87,7 @@ def test_unsupported_architecture_fails_self_test():
     "cfg",
     [
         QWEN3_4B,
-        LlamaConfig(
-            num_hidden_layers=36,
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        ),
+        make_config("llama", num_hidden_layers=36, vocab_size=128),
     ],
 )
 def test_supported_architectures_pass_self_test(cfg):
