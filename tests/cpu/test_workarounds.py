@@ -35,7 +35,7 @@ def test_process_group_needs_gloo_backend():
     without = run_py(_PROCESS_GROUP.format(setup="from verl.utils import distributed\n" + undo), env=CPU)
     assert not without["ok"] and "Duplicate device type cpu" in without["error"]
     with_it = run_py(_PROCESS_GROUP.format(setup=""), env=CPU)
-    assert with_it == {"ok": True, "backend": "gloo"}
+    assert with_it == {"ok": True, "backend": "cpu:gloo"}
 
 
 def test_engine_workers_uses_the_gloo_default():
@@ -66,7 +66,7 @@ def test_fsdp_engine_registered_for_cpu():
             cls = str(e)
         print(json.dumps({{"cls": cls, "value": "cpu" in EngineRegistry._engines["value_model"]["fsdp"]}}))
         """
-    undo = "for b in ('fsdp', 'fsdp2'):\n    EngineRegistry._engines['language_model'][b].pop('cpu')"
+    undo = "[EngineRegistry._engines['language_model'][b].pop('cpu') for b in ('fsdp', 'fsdp2')]"
     without = run_py(code.format(setup=undo), env=CPU, drop=NO_ENGINE_OVERRIDE)
     assert "No engine registered for device='cpu'" in without["cls"]
     out = run_py(code.format(setup=""), env=CPU, drop=NO_ENGINE_OVERRIDE)
@@ -110,7 +110,7 @@ print(json.dumps(out))
 @needs_vllm
 def test_vllm_cpu_linear_keeps_its_weight():
     """vLLM's CPU dispatch empties ``layer.weight`` (sync then fails); kept, a synced weight is used."""
-    undo = "import vllm.model_executor.layers.utils as u, importlib; importlib.reload(u)"
+    undo = "import vllm.model_executor.layers.utils as u; u.dispatch_cpu_unquantized_gemm = u.dispatch_cpu_unquantized_gemm.__wrapped__"
     without = run_py(_VLLM_LINEAR.format(setup=undo), env=CPU)
     assert without["numel"] == 0
     out = run_py(_VLLM_LINEAR.format(setup=""), env=CPU)

@@ -15,6 +15,7 @@ status is the command's (124 on timeout, 130 on interrupt). Linux only (``/proc`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -50,16 +51,12 @@ def terminate(procs: Iterable[psutil.Process], grace_s: float = 10.0) -> int:
     """SIGTERM, wait up to ``grace_s``, then SIGKILL what is left. Returns how many were signalled."""
     procs = list(procs)
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.terminate()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=5)
     return len(procs)
 
@@ -116,10 +113,8 @@ def supervise(cmd: list[str], timeout_s: float | None = None, grace_s: float = 1
 
     def _forward(signum, _frame):
         stop["signal"] = signum
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
     old = {s: signal.signal(s, _forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -134,10 +129,8 @@ def supervise(cmd: list[str], timeout_s: float | None = None, grace_s: float = 1
         for s, handler in old.items():
             signal.signal(s, handler)
         if child.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 child.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:

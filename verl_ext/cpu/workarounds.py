@@ -91,7 +91,10 @@ def _keep_weight_dispatch(layer, remove_weight: bool) -> None:
 
 
 def _patch_cpu_gemm_dispatch(module: ModuleType) -> None:
-    module.dispatch_cpu_unquantized_gemm = _keep_weight_dispatch
+    original = module.dispatch_cpu_unquantized_gemm
+    if original is not _keep_weight_dispatch:
+        _keep_weight_dispatch.__wrapped__ = original  # vLLM's own, for tests and for the record
+        module.dispatch_cpu_unquantized_gemm = _keep_weight_dispatch
 
 
 def keep_vllm_cpu_weights() -> None:
