@@ -93,3 +93,26 @@ def test_table_input_and_errors():
         find_boundary_layer([0.1, float("nan")])
     with pytest.raises(ValueError, match="eps"):
         find_boundary_layer([0.1], eps=-1)
+
+
+def test_flat_metrics_input_is_the_same_rule():
+    """The training telemetry's flat metrics (``<prefix>/delta_ffn/<l>``) give what the sequence gives."""
+    d = _qwen3_like()
+    metrics = {f"bupo/delta_ffn/{l}": x for l, x in enumerate(d, start=1)}  # noqa: E741
+    metrics.update({f"bupo/ffn_entropy/{l}": 5.0 for l in range(1, 37)})  # noqa: E741
+    r = find_boundary_layer(dict(reversed(list(metrics.items()))))  # key order does not matter
+    assert (r.layer_index, r.delta_ffn) == (5, d)
+    with pytest.raises(ValueError, match="several prefixes"):
+        find_boundary_layer({"a/delta_ffn/1": 0.1, "b/delta_ffn/2": 0.1})
+    with pytest.raises(ValueError, match=r"1\.\.L once each"):
+        find_boundary_layer({"bupo/delta_ffn/1": 0.1, "bupo/delta_ffn/3": -0.1})
+    with pytest.raises(ValueError, match="no '<prefix>/delta_ffn/<l>'"):
+        find_boundary_layer({})
+
+
+def test_cli_and_auto_share_the_tolerance():
+    from verl_ext.analysis.boundary import DEFAULT_EPS
+    from verl_ext.analysis.cli import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    assert args.eps == DEFAULT_EPS == 0.0

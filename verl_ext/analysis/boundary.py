@@ -16,18 +16,22 @@ layer whose mean dH_FFN > 0 before the FFN turns to integration/convergence". Ed
 * the run reaches layer L: the boundary is L, with a warning (the FFN never integrates/converges, so
   the "internal" policy is the whole network without the final norm; check the profile/convention).
 
-The recipe's key ``bupo.internal_layer`` is the **0-based** decoder index k = l - 1.
+The recipe's key ``bupo.internal_layer`` is the **0-based** decoder index k = l - 1. This is the one
+implementation of the rule: the analysis CLI prints its suggestion and ``bupo.internal_layer: auto``
+(:mod:`verl_ext.bupo.auto_layer`) trains it, both with ``eps =`` :data:`DEFAULT_EPS` unless told.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 CONFIG_KEY = "bupo.internal_layer"
+DEFAULT_EPS = 0.0
+"""The tolerance of the analysis CLI (``--eps``) and of ``bupo.internal_layer: auto``."""
 
 
 @dataclass
@@ -93,7 +97,28 @@ class BoundaryResult:
         return self.evidence()
 
 
-def _delta_ffn_from(profile: pd.DataFrame | Sequence[float]) -> list[float]:
+def _delta_ffn_from_metrics(metrics: Mapping[str, float]) -> list[float]:
+    """d_1..d_L from flat metrics ``<prefix>/delta_ffn/<l>`` (one prefix; l = 1..L once each)."""
+    by_layer: dict[int, float] = {}
+    prefixes = set()
+    for key, val in metrics.items():
+        parts = str(key).rsplit("/", 2)
+        if len(parts) == 3 and parts[1] == "delta_ffn" and parts[2].isdigit():
+            prefixes.add(parts[0])
+            by_layer[int(parts[2])] = float(val)
+    if len(prefixes) > 1:
+        raise ValueError(f"the metrics hold several prefixes {sorted(prefixes)}; pass one")
+    if not by_layer:
+        raise ValueError("the metrics hold no '<prefix>/delta_ffn/<l>' entries (were any tokens selected?)")
+    layers = sorted(by_layer)
+    if layers != list(range(1, len(layers) + 1)):
+        raise ValueError(f"the delta_ffn metrics must cover paper layers 1..L once each, got {layers}")
+    return [by_layer[l] for l in layers]  # noqa: E741
+
+
+def _delta_ffn_from(profile: pd.DataFrame | Mapping[str, float] | Sequence[float]) -> list[float]:
+    if isinstance(profile, Mapping):
+        return _delta_ffn_from_metrics(profile)
     if isinstance(profile, pd.DataFrame):
         df = profile[profile["module"] == "ffn"]
         for col in ("label", "convention"):
@@ -110,13 +135,17 @@ def _delta_ffn_from(profile: pd.DataFrame | Sequence[float]) -> list[float]:
 
 
 def find_boundary_layer(
-    profile: pd.DataFrame | Sequence[float], eps: float = 0.0, label: str | None = None
+    profile: pd.DataFrame | Mapping[str, float] | Sequence[float],
+    eps: float = DEFAULT_EPS,
+    label: str | None = None,
 ) -> BoundaryResult:
     """Apply the boundary-layer rule (see the module docstring) to a dH_FFN profile.
 
     Args:
         profile: the tidy table of :mod:`.decompose` (its ``ffn`` rows' ``delta`` are used; one label
-            and convention only), or the sequence d_1..d_L of mean dH_FFN per **1-based** paper layer.
+            and convention only), the flat metrics of :meth:`.decompose.ProfileAccumulator.metrics`
+            (``<prefix>/delta_ffn/<l>``, as the training telemetry returns them), or the sequence
+            d_1..d_L of mean dH_FFN per **1-based** paper layer.
         eps: tolerance in nats: |d| <= eps counts as integration (~0), not exploration.
         label: optional name carried into the evidence.
 
@@ -125,7 +154,8 @@ def find_boundary_layer(
         for ``bupo.internal_layer``.
 
     Raises:
-        ValueError: empty profile, NaN values, negative eps.
+        ValueError: empty profile, NaN values, negative eps, metrics without a complete
+            ``delta_ffn`` set.
     """
     if eps < 0 or math.isnan(eps):
         raise ValueError(f"eps must be >= 0, got {eps}")

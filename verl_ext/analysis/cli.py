@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from verl_ext.analysis.boundary import DEFAULT_EPS
+
 PROMPT_COLUMNS = ("prompt", "input")
 RESPONSE_COLUMNS = ("response", "responses", "output", "outputs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -376,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="token rows per fused-head chunk (default 128 on CPU, where small chunks are fastest, else 1024)",
     )
-    p.add_argument("--eps", type=float, default=0.0, help="boundary rule tolerance (nats) for dH_FFN ~ 0")
+    p.add_argument(
+        "--eps", type=float, default=DEFAULT_EPS, help="boundary rule tolerance (nats) for dH_FFN ~ 0"
+    )
     p.add_argument("--attn-implementation", default=None, help="e.g. eager, sdpa, flash_attention_2")
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl_ext.bupo.schedule import Schedule
+from verl_ext.bupo.schedule import AUTO, Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class BuPOConfig:
 
     Attributes:
         enable: train internal policies at all (False = plain GRPO through the same recipe).
-        internal_layer: 0-based decoder index k of pi^{k+1} (paper layer = k+1).
+        internal_layer: 0-based decoder index k of pi^{k+1} (paper layer = k+1), or ``"auto"``: the
+            trainer picks it before the first update (see :mod:`verl_ext.bupo.auto_layer`).
         internal_steps: s_inter; phase 1 covers global steps 1..s_inter (steps count from 1).
         final_norm: apply the final norm to H^{k+1} (logit lens); False is the paper's definition.
         schedule: optional bottom-up schedule, a list of ``{layer, steps}`` replacing the two above.
@@ -41,6 +42,7 @@ class BuPOConfig:
         full_policy_metrics_samples: sub-sample size (responses) for those metrics.
         layer_entropy_freq: every N steps log the per-layer entropy profile (0 = never).
         layer_entropy_samples: sub-sample size (responses) for the profile.
+        auto_layer_samples: responses of the first batch whose entropy profile picks the ``auto`` layer.
     """
 
     enable: bool = True
@@ -54,6 +56,7 @@ class BuPOConfig:
     full_policy_metrics_samples: int = 16
     layer_entropy_freq: int = 0
     layer_entropy_samples: int = 4
+    auto_layer_samples: int = 64
     _schedule: Schedule = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -75,10 +78,15 @@ class BuPOConfig:
         if data.get("head_chunk_size", 1) == 0:
             raise BuPOConfigError("bupo.head_chunk_size must be > 0")
         layer = data.get("internal_layer")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        if (
+            layer is not None
+            and layer != AUTO
+            and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0)
+        ):
             raise BuPOConfigError(
-                f"bupo.internal_layer must be a 0-based decoder index >= 0 (paper layer - 1), got {layer!r}"
+                f"bupo.internal_layer must be a 0-based decoder index >= 0 (paper layer - 1) or {AUTO}, got {layer!r}"
             )
+        _check_auto_keys(data)
         data["schedule"] = tuple(data.get("schedule") or ())
         cfg = cls(**data)
         if cfg.enable:
@@ -100,6 +108,24 @@ class BuPOConfig:
     def phase1_active(self) -> bool:
         """True when at least one step trains an internal policy."""
         return self.schedule_obj.total_steps > 0
+
+
+def _check_auto_keys(data: dict) -> None:
+    """``bupo.internal_layer: auto`` needs phase 1, and its sub-sample size must be a positive count."""
+    samples = data.get("auto_layer_samples", BuPOConfig.auto_layer_samples)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise BuPOConfigError(f"bupo.auto_layer_samples must be an integer >= 1 (responses), got {samples!r}")
+    stages = data.get("schedule") or ()
+    stage_layers = [
+        st.get("layer") if hasattr(st, "get") else st[0] if isinstance(st, (list, tuple)) and st else None
+        for st in (stages if isinstance(stages, (list, tuple)) else ())
+    ]
+    uses_auto = AUTO in [data.get("internal_layer"), *stage_layers]
+    if uses_auto and not data.get("enable", True):
+        raise BuPOConfigError(
+            f"bupo.internal_layer={AUTO} needs phase 1, but bupo.enable=false trains the full policy only: "
+            "set bupo.enable=true, or drop auto"
+        )
 
 
 def _to_container(block: Any) -> dict:
@@ -128,6 +154,8 @@ def _get(config: Any, dotted: str, default: Any = None) -> Any:
 def check_layers(bupo: BuPOConfig, num_layers: int) -> None:
     """Reject exit layers outside ``0..num_layers-1`` (0-based), naming the key and the valid range."""
     for i, st in enumerate(bupo.schedule_obj.stages):
+        if st.layer == AUTO:  # chosen from the real model's profile: in range by construction
+            continue
         if not 0 <= st.layer < num_layers:
             key = f"bupo.schedule[{i}].layer" if bupo.schedule else "bupo.internal_layer"
             raise BuPOConfigError(
@@ -157,6 +185,11 @@ def check_verl_config(config: Any, bupo: BuPOConfig) -> None:
         errors.append(
             "bupo.layer_entropy_freq > 0 with actor_rollout_ref.actor.strategy=fsdp: the telemetry gathers the "
             "LM head from FSDP2 shards; use strategy=fsdp2 or set bupo.layer_entropy_freq=0"
+        )
+    if bupo.schedule_obj.has_auto and strategy == "fsdp":
+        errors.append(
+            f"bupo.internal_layer={AUTO} with actor_rollout_ref.actor.strategy=fsdp: the entropy profile gathers the "
+            "LM head from FSDP2 shards; use strategy=fsdp2 or set the layer by hand"
         )
     if _get(config, "algorithm.adv_estimator") == "grpo" and (
         _get(config, "actor_rollout_ref.rollout.n", 1) < 2

@@ -4,6 +4,8 @@ Registered as ``trainer.v1.trainer_mode=bupo_sync``. The phase is a pure functio
 ``global_steps`` (counted from 1, restored on resume) through the :class:`Schedule`: at step s the
 old-log-prob and update calls carry ``bupo_exit_layer = schedule.layer_at(s)`` (-1 = full policy);
 reference calls always carry -1 (``extra_info`` is sticky across calls on one batch).
+With ``bupo.internal_layer: auto`` the layer is chosen here, on the driver, before the first update
+(:mod:`verl_ext.bupo.auto_layer`), and reaches every rank in the same ``extra_info``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import math
 
 import ray
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from transfer_queue import KVBatchMeta
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.metric import reduce_metrics
 
-from verl_ext.bupo.config import TRAINER_NAME, validate_config
+from verl_ext.bupo import auto_layer
+from verl_ext.bupo.config import TRAINER_NAME, BuPOConfigError, validate_config
 from verl_ext.bupo.engine import CHUNK_KEY, DIAGNOSE_KEY, EXIT_LAYER_KEY, FINAL_NORM_KEY
 from verl_ext.bupo.schedule import FULL_POLICY
 from verl_ext.bupo.worker import actor_rollout_ref_worker_cls
@@ -60,6 +63,8 @@ def unprefix_actor_metrics(metrics: dict) -> None:
 class BuPOTrainerSync(PPOTrainerSync):
     """V1 sync trainer with BuPO's internal-policy phase (see module docstring)."""
 
+    _bupo_auto_log: dict | None = None  # a resumed run logs its stored auto layer once
+
     def __init__(self, config):
         # The driver (main_bupo) already ran every check; the actor self-tests the real model.
         self.bupo = validate_config(config, self_test=False)
@@ -92,13 +97,14 @@ class BuPOTrainerSync(PPOTrainerSync):
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        layers = tuple(sorted({st.layer for st in self.bupo.schedule_obj.stages}))
+        layers = self.bupo.schedule_obj.fixed_layers  # an auto layer is chosen later, from the real model
         worker_cls = actor_rollout_ref_worker_cls(layers, self.bupo.self_test and self.bupo.phase1_active)
         for role in list(self.role_worker_mapping):
             if role in _ACTOR_ROLES:
                 self.role_worker_mapping[role] = ray.remote(worker_cls)
 
     def _compute_old_log_prob(self, batch, metrics: dict):
+        auto_measured = self._bupo_auto_layer(batch, metrics)
         layer = self.bupo_exit_layer()
         if layer != self._bupo_last_layer:
             logger.warning(
@@ -109,7 +115,8 @@ class BuPOTrainerSync(PPOTrainerSync):
             self._bupo_last_layer = layer
         if layer != FULL_POLICY and self._every(self.bupo.full_policy_metrics_freq):
             metrics.update(self._bupo_policy_diagnostics(batch, layer))
-        if self._every(self.bupo.layer_entropy_freq):
+        # At the step the auto layer is measured, its profile stands in for the periodic one.
+        if self._every(self.bupo.layer_entropy_freq) and not auto_measured:
             metrics.update(self._bupo_layer_entropy(batch))
         self._bupo_mark(batch, layer)
         batch = super()._compute_old_log_prob(batch, metrics)
@@ -173,3 +180,64 @@ class BuPOTrainerSync(PPOTrainerSync):
             return {}
         sub.extra_info.update({FINAL_NORM_KEY: self.bupo.final_norm, CHUNK_KEY: self.bupo.head_chunk_size})
         return reduce_metrics(dict(self.actor_rollout_wg.bupo_layer_entropy(sub)["metrics"]))
+
+    # ----------------------------------------------------------------- bupo.internal_layer: auto
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.bupo.schedule_obj.has_auto and self.global_steps > 0:
+            found = auto_layer.load_record(auto_layer.record_dirs(self.config.trainer))
+            if found is None:
+                raise BuPOConfigError(
+                    f"bupo.internal_layer=auto: resuming at step {self.global_steps} but no "
+                    f"{auto_layer.RECORD_NAME} in {auto_layer.record_dirs(self.config.trainer)} (written by the "
+                    "first step); the layer is never re-measured. Fix: set bupo.internal_layer to the layer the "
+                    "run trained (metric bupo/auto_layer, console line 'BuPO auto layer')"
+                )
+            choice, path = found
+            layer = choice.checked_layer(path)
+            self.bupo = auto_layer.resolve_config(self.bupo, layer)
+            self._bupo_auto_log = {auto_layer.METRIC: float(layer)}
+            print(
+                f"BuPO auto layer: resuming with layer {layer} (paper pi^{layer + 1}) chosen before step "
+                f"{choice.step} ({path}); not re-measured",
+                flush=True,
+            )
+
+    def _bupo_auto_layer(self, batch, metrics: dict) -> bool:
+        """Choose the ``auto`` layer once, before the first update; True when a profile was measured now."""
+        if self._bupo_auto_log:
+            metrics.update(self._bupo_auto_log)
+            self._bupo_auto_log = None
+        if not self.bupo.schedule_obj.has_auto:
+            return False
+        if self.global_steps > 1:
+            raise RuntimeError(f"bupo.internal_layer=auto is still undecided at step {self.global_steps}")
+        world = int(self.config.trainer.n_gpus_per_node) * int(self.config.trainer.nnodes)
+        idx = auto_layer.subsample_indices(batch.tags, self.bupo.auto_layer_samples, world)
+        if not idx:
+            raise RuntimeError(f"bupo.internal_layer=auto: the first batch has fewer than {world} responses")
+        sub = KVBatchMeta(
+            partition_id=batch.partition_id,
+            keys=[batch.keys[i] for i in idx],
+            tags=[batch.tags[i] for i in idx],
+            extra_info={
+                **batch.extra_info,
+                FINAL_NORM_KEY: self.bupo.final_norm,
+                CHUNK_KEY: self.bupo.head_chunk_size,
+            },
+        )
+        profile = reduce_metrics(dict(self.actor_rollout_wg.bupo_layer_entropy(sub)["metrics"]))
+        choice = auto_layer.choose_layer(
+            profile,
+            step=max(int(self.global_steps), 1),
+            n_responses=len(idx),
+            final_norm=self.bupo.final_norm,
+            model=OmegaConf.select(self.config, "actor_rollout_ref.model.path"),
+        )
+        path = auto_layer.save_record(choice, self.config.trainer.default_local_dir)
+        layer = choice.checked_layer(path)  # no boundary: stops here with the profile and the fix
+        self.bupo = auto_layer.resolve_config(self.bupo, layer)
+        print(choice.explanation(path), flush=True)
+        logger.info("BuPO schedule: %s", self.bupo.schedule_obj.describe())
+        metrics.update(choice.metrics())
+        return True
