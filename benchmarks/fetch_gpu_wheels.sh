@@ -9,7 +9,7 @@
 # machine (torch 2.11.0, transformers 5.17.0 and the other packages KINDS.md lists for it): with
 # exactly these wheels installed with --no-deps and benchmarks/ray_stub first on PYTHONPATH,
 # `import verl.workers.engine_workers, verl_ext.bupo.worker` works and `gpu_check.py --cpu-smoke`
-# passes. Versions are the ones the project's CPU venv (requirements-test.txt) resolves.
+# passes. Versions are the ones the project's CPU environment (requirements-cpu.txt) resolves.
 #
 # * verl 0.9.1 and what its engine-path imports need that the machine lacks: tensordict (+ pyvers,
 #   orjson), hydra-core + omegaconf + antlr4-python3-runtime, codetiming, datasets (+ dill,

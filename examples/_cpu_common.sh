@@ -4,6 +4,7 @@
 # Environment variables (all optional):
 #   OUT_DIR   where the run writes (default outputs/tiny_cpu/<name>)
 #   TOY_DIR   the toy model and data (default outputs/tiny_cpu/toy; built on first use)
+#   RUN_TIMEOUT  wall-clock limit in seconds: past it the run and everything it started is stopped (exit 124)
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,7 +20,7 @@ run_tiny_cpu() {
   export RAY_AUTH_MODE=disabled TORCH_COMPILE_DISABLE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
   export VERL_FILE_LOGGER_ROOT=$out/logs
   python -m verl_ext.toy_task "$toy" >/dev/null
-  python -m verl_ext.cpu.supervise -- \
+  python -m verl_ext.cpu.supervise ${RUN_TIMEOUT:+--timeout "$RUN_TIMEOUT"} -- \
     python -m recipe.bupo.main_bupo preset=tiny_cpu \
     actor_rollout_ref.model.path="$toy/model" \
     data.train_files="$toy/train.parquet" \

@@ -37,7 +37,8 @@ def test_equals_vanilla(agg, shape):
     cfg = _config(agg)
     fn = get_policy_loss_fn("bupo")
     assert fn is bupo_loss.compute_policy_loss_bupo
-    loss, metrics = fn(old, new, adv, mask, agg, cfg)
+    with bupo_loss.active_exit_layer(-1):
+        loss, metrics = fn(old, new, adv, mask, agg, cfg)
     (grad,) = torch.autograd.grad(loss, new)
     ref, ref_metrics = compute_policy_loss_vanilla(old, new, adv, mask, agg, cfg)
     (ref_grad,) = torch.autograd.grad(ref, new)
@@ -53,9 +54,10 @@ def test_dual_clip_bounds_negative_advantage_loss():
     cfg = _config("token-mean")
     old = torch.zeros(1, 1)
     new = torch.full((1, 1), 5.0)  # ratio e^5 ~ 148
-    loss, metrics = bupo_loss.compute_policy_loss_bupo(
-        old, new, -torch.ones(1, 1), torch.ones(1, 1), "token-mean", cfg
-    )
+    with bupo_loss.active_exit_layer(-1):
+        loss, metrics = bupo_loss.compute_policy_loss_bupo(
+            old, new, -torch.ones(1, 1), torch.ones(1, 1), "token-mean", cfg
+        )
     assert loss.item() == pytest.approx(10.0)
     assert metrics["actor/pg_clipfrac_lower"] == 1.0
 
@@ -68,4 +70,12 @@ def test_phase_metric_and_rollout_weights_rejected_in_phase1():
         assert metrics["bupo/phase"] == 1.0
         with pytest.raises(ValueError, match="rollout_is"):
             bupo_loss.compute_policy_loss_bupo(x, x, x, torch.ones(2, 3), "token-mean", cfg, torch.ones(2, 3))
-    assert bupo_loss.current_exit_layer() == -1
+    assert bupo_loss.current_exit_layer() is None
+
+
+def test_loss_outside_the_bupo_engine_is_an_error_with_the_fix():
+    """loss_mode=bupo under verl's stock trainer (no bupo_sync) would silently train plain GRPO."""
+    cfg = _config("token-mean")
+    x = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="trainer.v1.trainer_mode=bupo_sync"):
+        bupo_loss.compute_policy_loss_bupo(x, x, x, torch.ones(2, 3), "token-mean", cfg)

@@ -22,7 +22,17 @@ from verl.utils import torch_functional as verl_F
 from verl_ext.bupo.config import LOSS_NAME
 from verl_ext.bupo.schedule import FULL_POLICY
 
-_EXIT_LAYER: contextvars.ContextVar[int] = contextvars.ContextVar("bupo_exit_layer", default=FULL_POLICY)
+# None = not inside the BuPO actor engine's forward (the loss then refuses to run, see below).
+_EXIT_LAYER: contextvars.ContextVar[int | None] = contextvars.ContextVar("bupo_exit_layer", default=None)
+
+WITHOUT_TRAINER = (
+    "actor_rollout_ref.actor.policy_loss.loss_mode=bupo ran outside the BuPO actor engine, i.e. without "
+    "trainer.v1.trainer_mode=bupo_sync: nothing would ever train an internal policy (plain GRPO under "
+    "another name). Set trainer.v1.trainer_mode=bupo_sync (and the bupo.* keys), or loss_mode=vanilla "
+    "for plain GRPO. If you did set bupo_sync, the verl-bupo plugin is not loaded in the actor workers: "
+    "check `python -c \"import verl, verl.trainer.ppo.core_algos as c; print('bupo' in c.POLICY_LOSS_REGISTRY)\"` "
+    "on every node and that VERL_USE_EXTERNAL_PLUGINS allows 'bupo'."
+)
 
 
 @contextlib.contextmanager
@@ -35,8 +45,8 @@ def active_exit_layer(layer: int) -> Iterator[None]:
         _EXIT_LAYER.reset(token)
 
 
-def current_exit_layer() -> int:
-    """The exit layer of the micro-batch being computed (-1 = full policy)."""
+def current_exit_layer() -> int | None:
+    """The exit layer of the micro-batch being computed (-1 = full policy, None = outside the engine)."""
     return _EXIT_LAYER.get()
 
 
@@ -72,6 +82,8 @@ def compute_policy_loss_bupo(
     if config is None:
         raise ValueError("the bupo policy loss needs the actor config")
     layer = current_exit_layer()
+    if layer is None:
+        raise RuntimeError(WITHOUT_TRAINER)
     if rollout_is_weights is not None and layer != FULL_POLICY:
         raise ValueError(
             "rollout importance weights reached the bupo loss in phase 1; set "

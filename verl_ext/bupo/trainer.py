@@ -66,8 +66,11 @@ class BuPOTrainerSync(PPOTrainerSync):
     _bupo_auto_log: dict | None = None  # a resumed run logs its stored auto layer once
 
     def __init__(self, config):
-        # The driver (main_bupo) already ran every check; the actor self-tests the real model.
-        self.bupo = validate_config(config, self_test=False)
+        # Every start-up check, again: under verl's stock main_ppo (the drop-in path) this is the first
+        # BuPO code that sees the config. It runs in the task runner before any worker or model is
+        # built (the self-test uses a tiny CPU copy of the architecture); the actor then self-tests
+        # the real model.
+        self.bupo = validate_config(config)
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"  # verl's code paths test for the exact string
         super().__init__(config)

@@ -108,6 +108,7 @@ def supervise(cmd: list[str], timeout_s: float | None = None, grace_s: float = 1
     tmp = tempfile.mkdtemp(prefix=f"bupo-{run_id[:6]}-", dir="/tmp")  # short: AF_UNIX paths <= 107
     env = dict(os.environ, **{RUN_ID_ENV: run_id, "TMPDIR": tmp, "RAY_TMPDIR": tmp})
     shm_before = shm_entries()
+    print(f"supervise: run id {run_id}, temporary folder {tmp}", flush=True)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
     stop = {"signal": None}
 
