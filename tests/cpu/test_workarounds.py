@@ -145,3 +145,39 @@ def test_missing_alias_is_explained(monkeypatch):
     monkeypatch.setattr(workarounds.importlib.metadata, "version", fake_version)
     with pytest.raises(workarounds.VLLMLookupError, match="vllm_cpu_alias"):
         workarounds.check_vllm_distribution()
+
+
+_SENDER = """
+import json, os, signal, tempfile, time, verl
+{setup}
+def _alarm(*_):
+    raise TimeoutError("still waiting")
+signal.signal(signal.SIGALRM, _alarm)
+from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
+sender = BucketedWeightSender("ipc://" + tempfile.mktemp(), bucket_size_mb=1, use_shm=True)
+start = time.monotonic()
+signal.alarm(8)                # an outer bound, so the unbounded case cleans up too
+try:
+    sender._init_socket()
+    sender._init_buffer()      # sends the buffer's name, then waits for a receiver that never answers
+    out = {{"raised": None}}
+except Exception as e:
+    out = {{"raised": type(e).__name__}}
+finally:
+    if sender.shm is not None:
+        sender.shm.close(); sender.shm.unlink()
+out["seconds"] = time.monotonic() - start
+print(json.dumps(out))
+"""
+
+
+def test_weight_sync_sender_waits_a_bounded_time():
+    """Without a receiver (a failed vLLM worker) verl's sender would wait forever; bounded, it raises."""
+    undo = (
+        "from verl.workers.rollout.vllm_rollout import bucketed_weight_transfer as b\n"
+        "b.BucketedWeightSender._init_socket = b.BucketedWeightSender._init_socket.__wrapped__"
+    )
+    without = run_py(_SENDER.format(setup=undo), env={**CPU, "BUPO_WEIGHT_SYNC_TIMEOUT_S": "2"})
+    assert without["raised"] == "TimeoutError" and without["seconds"] > 7
+    out = run_py(_SENDER.format(setup=""), env={**CPU, "BUPO_WEIGHT_SYNC_TIMEOUT_S": "2"})
+    assert out["raised"] == "Again" and 1.5 < out["seconds"] < 7

@@ -110,7 +110,7 @@ class BuPOTrainerSync(PPOTrainerSync):
         auto_measured = self._bupo_auto_layer(batch, metrics)
         layer = self.bupo_exit_layer()
         if layer != self._bupo_last_layer:
-            logger.warning(
+            logger.info(
                 "BuPO: step %d trains %s",
                 self.global_steps,
                 "the full policy" if layer < 0 else f"layer {layer}",

