@@ -22,6 +22,7 @@ def test_weight_sync_failure_in_vllm_worker_ends_the_run(e2e_root, toy_dir):
         TOY_DIR=str(toy_dir),
         RUN_TIMEOUT=str(LIMIT_S),
         VERL_USE_EXTERNAL_MODULES="_fault_vllm_sync",
+        BUPO_WEIGHT_SYNC_TIMEOUT_S="30",  # the trainer side's bound (default 120 s)
         PYTHONPATH=f"{HERE}:{cpu_env().get('PYTHONPATH', '')}",
     )
     shm_before = shm_entries()
@@ -33,6 +34,7 @@ def test_weight_sync_failure_in_vllm_worker_ends_the_run(e2e_root, toy_dir):
     left_in_shm = shm_entries() - shm_before
     assert run.rc not in (0, 124), f"exit {run.rc} after {elapsed:.0f} s"
     assert "injected fault: weight sync failed inside the vLLM worker" in run.output
+    assert "weight sync to vLLM: no answer from the vLLM worker within" in run.output
     m = re.search(r"supervise: run id (\w+), temporary folder (\S+)", run.output)
     assert m and not Path(m.group(2)).exists()
     for proc in psutil.process_iter():

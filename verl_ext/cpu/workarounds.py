@@ -136,6 +136,23 @@ def _bounded_sender_socket(module: ModuleType) -> None:
     _init_socket.__bupo_cpu__ = True
     cls._init_socket = _init_socket
 
+    send = cls.async_send_weights
+
+    @functools.wraps(send)
+    async def async_send_weights(self, weights):
+        import zmq
+
+        try:
+            return await send(self, weights)
+        except zmq.Again as e:
+            raise RuntimeError(
+                f"weight sync to vLLM: no answer from the vLLM worker within {WEIGHT_SYNC_TIMEOUT_ENV}="
+                f"{os.environ.get(WEIGHT_SYNC_TIMEOUT_ENV, DEFAULT_WEIGHT_SYNC_TIMEOUT_S)} s; it most likely failed "
+                "while loading the weights (its error is logged above, from vLLMHttpServer / Worker)"
+            ) from e
+
+    cls.async_send_weights = async_send_weights
+
 
 def bound_weight_sync_wait() -> None:
     """Give the trainer side of a weight sync a time limit, so a failed vLLM worker ends the run (a patch).
@@ -146,7 +163,8 @@ def bound_weight_sync_wait() -> None:
     hangs (seen on CPU: "BufferError: cannot close exported pointers exist", then nothing). No
     setting reaches that socket, so its ``_init_socket`` is wrapped to set ``RCVTIMEO``/``SNDTIMEO``
     to ``BUPO_WEIGHT_SYNC_TIMEOUT_S`` (default 120 s; a tiny model's sync takes well under 1 s):
-    the sender then raises ``zmq.Again`` and verl's trainer fails with the worker's error.
+    the sender then raises (a ``RuntimeError`` that points at the vLLM worker's logged error) and
+    verl's trainer ends the run.
     """
     when_imported("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer", _bounded_sender_socket)
 
