@@ -6,7 +6,7 @@ lengths), the reference of pi^{k+1} is the *model's own* head applied to the raw
 tensor and the causal LM's forward does the rest (Granite's logit scaling, Gemma2's soft cap, tied
 heads), so the reference does not use ``verl_ext.heads``. Checked: log-probs, entropies and every
 parameter's gradient; layers above k neither run nor get gradients; padding; pi^L with the final
-norm is the model's policy; MoE routers; rejected and verified lists match the READMEs.
+norm is the model's policy; the KL(pi^k || pi) diagnostics; MoE routers; the lists match the READMEs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers.modeling_outputs import MoeModelOutputWithPast
 from tests.conftest import REPO_ROOT, TOL, left_padded_batch
 from verl_ext.architectures import REJECTED, VERIFIED, matrix_block, matrix_markdown
 from verl_ext.heads import HEAD_RULES, head_spec
-from verl_ext.internal_policy import internal_log_probs
+from verl_ext.internal_policy import internal_log_probs, policy_divergence_forward
 from verl_ext.random_models import make_model
 from verl_ext.slicing import check_slicing, exit_after_layer, override_forward
 
@@ -162,6 +162,32 @@ def test_last_layer_with_final_norm_is_the_model_policy(model):
             torch.testing.assert_close(lp.double(), want, atol=TOL[torch.float32], rtol=TOL[torch.float32])
         raw, _ = internal_log_probs(model, ids, N_LAYERS - 1, mask, temperature=TEMPERATURE)
     assert (raw.double() - want).abs().max() > 1e-3
+
+
+def test_policy_divergence_uses_the_model_head(model):
+    """The phase-1 diagnostics forward: KL(pi^k || pi) and H(pi), both through the model's own head."""
+    ids, mask = left_padded_batch(model.config.vocab_size, LENGTHS, seed=7)
+    pos = _positions(mask)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        captured = {}
+        handle = model.model.layers[1].register_forward_hook(
+            lambda m, a, o: captured.update(h=o[0] if isinstance(o, tuple) else o)
+        )
+        model(input_ids=ids, attention_mask=mask, position_ids=pos)
+        handle.remove()
+        inner = _own_head(model, captured["h"], ids, mask)
+        with policy_divergence_forward(model, 1):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, temperature=TEMPERATURE)
+    logp = torch.log_softmax(inner.double() / TEMPERATURE, -1)
+    logq = torch.log_softmax(full.double() / TEMPERATURE, -1)
+    valid = mask.bool()
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out.log_probs.double()[valid], kl[valid], atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        out.entropy.double()[valid], -(logq.exp() * logq).sum(-1)[valid], atol=tol, rtol=tol
+    )
 
 
 def test_check_slicing_passes(model):
