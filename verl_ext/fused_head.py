@@ -1,10 +1,11 @@
 """Fused LM head: next-token log-probs and entropies from hidden states, never holding [tokens x vocab].
 
 ``fused_log_probs_entropy(hidden, weight, labels)`` computes, for every token row h,
-``log softmax(h W^T / T)[label]`` and the entropy of ``softmax(h W^T / T)``, with float32 (or wider)
-accumulation and float32 outputs, differentiable with respect to ``hidden`` and ``weight`` through
-both outputs. No norm is applied: pass normed hidden states for the model's final policy, raw ones
-for an internal layer policy.
+``log softmax(z / T)[label]`` and the entropy of ``softmax(z / T)`` with ``z = h W^T`` (or the
+model's fixed logit map of it, ``softcap(scale * h W^T)``, see :mod:`verl_ext.heads`), with float32
+(or wider) accumulation and float32 outputs, differentiable with respect to ``hidden`` and
+``weight`` through both outputs. No norm is applied: pass normed hidden states for the model's
+final policy, raw ones for an internal layer policy.
 
 Two backends:
 
@@ -19,7 +20,8 @@ Two backends:
   the same way.
 
 ``backend="auto"`` uses Triton for CUDA tensors whose hidden size is a multiple of 128 when verl and
-Triton import (every Qwen2/Qwen3/Llama size), the chunked path otherwise.
+Triton import (every Qwen2/Qwen3/Llama size), the chunked path otherwise. A logit scale folds into
+the temperature (both backends); a soft cap (Gemma2) needs the chunked path.
 """
 
 from __future__ import annotations
@@ -40,11 +42,22 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _capped_logits(logits: torch.Tensor, softcap: float | None, temperature: float):
+    """In place: ``logits <- softcap(logits) / T``; returns ``(logits, tanh)`` (tanh None without cap)."""
+    tanh = None
+    if softcap is not None:
+        tanh = logits.div_(softcap).tanh_()
+        logits = tanh.mul(softcap)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits, tanh
+
+
 class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
-    """Chunked log-prob + entropy of softmax(hidden @ weight.T / T); recomputes logits in backward."""
+    """Chunked log-prob + entropy of softmax(softcap(hidden @ weight.T) / T); recomputes logits in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, need_entropy):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, need_entropy, softcap=None):
         acc = _acc_dtype(hidden, weight)
         w = weight.to(acc)
         n = hidden.shape[0]
@@ -53,9 +66,7 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
         lse_all = hidden.new_empty(n, dtype=acc)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = hidden[start:end].to(acc) @ w.T
-            if temperature != 1.0:
-                logits.div_(temperature)
+            logits, _ = _capped_logits(hidden[start:end].to(acc) @ w.T, softcap, temperature)
             lse = torch.logsumexp(logits, dim=-1)
             lse_all[start:end] = lse
             log_probs[start:end] = logits.gather(-1, labels[start:end, None]).squeeze(-1) - lse
@@ -69,6 +80,7 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
             entropy.zero_()
         ctx.save_for_backward(hidden, weight, labels, lse_all, entropy)
         ctx.temperature = temperature
+        ctx.softcap = softcap
         ctx.chunk_size = chunk_size
         # A skipped entropy is constant zeros: no (wrong) gradient through it. One call: a second
         # mark_non_differentiable would replace the first.
@@ -79,7 +91,7 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
     def backward(ctx, grad_log_probs, grad_entropy):
         hidden, weight, labels, lse_all, entropy = ctx.saved_tensors
         acc = lse_all.dtype
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        temperature, chunk_size, softcap = ctx.temperature, ctx.chunk_size, ctx.softcap
         w = weight.to(acc)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_h else None
@@ -88,9 +100,7 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end].to(acc)
-            logp = h @ w.T
-            if temperature != 1.0:
-                logp.div_(temperature)
+            logp, tanh = _capped_logits(h @ w.T, softcap, temperature)
             logp.sub_(lse_all[start:end, None])  # log p
             p = logp.exp()
             # d logprob / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
@@ -101,6 +111,9 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
             dz.scatter_add_(-1, labels[start:end, None], g_lp)
             if temperature != 1.0:
                 dz.div_(temperature)
+            if tanh is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+                dz.mul_(tanh.square_().neg_().add_(1.0))
+            del tanh
             if need_h:
                 grad_hidden[start:end] = (dz @ w).to(hidden.dtype)
             if need_w:
@@ -108,7 +121,7 @@ class _ChunkedLinearLogProbEntropy(torch.autograd.Function):
             del dz, p, logp
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -172,8 +185,10 @@ def fused_log_probs_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
     compute_entropy: bool = True,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``labels`` and entropy under softmax(hidden @ weight.T / temperature), fused.
+    """Log-prob of ``labels`` and entropy under softmax(softcap(logit_scale * hidden @ weight.T) / T), fused.
 
     Args:
         hidden: ``[..., H]`` hidden states (raw or normed: no norm is applied here).
@@ -184,6 +199,9 @@ def fused_log_probs_entropy(
         chunk_size: token rows per chunk on the chunked path (memory O(chunk_size x V)).
         backend: ``"auto"``, ``"chunked"`` or ``"triton"``.
         compute_entropy: chunked path only: skip the entropy (returned as zeros) when False.
+        logit_scale: multiplies ``hidden @ weight.T`` (a head's fixed scale; folded into the temperature).
+        softcap: if set, ``softcap * tanh(z / softcap)`` before the temperature (Gemma2's final logit
+            soft-capping); chunked path only (``auto`` picks it).
 
     Returns:
         ``(log_probs, entropy)``, both float32 (float64 for float64 inputs), shaped like ``labels``
@@ -191,6 +209,8 @@ def fused_log_probs_entropy(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logit_scale <= 0 or (softcap is not None and softcap <= 0):
+        raise ValueError(f"logit_scale and softcap must be > 0, got {logit_scale} and {softcap}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if hidden.shape[-1] != weight.shape[-1]:
@@ -203,6 +223,14 @@ def fused_log_probs_entropy(
         if labels.shape != lead:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden {tuple(lead)}")
         flat_y = labels.reshape(-1).long()
+    if softcap is not None:
+        if backend == "triton":
+            raise ValueError("backend='triton' cannot apply a logit soft cap; use 'auto' or 'chunked'")
+        backend = "chunked"
+        hidden = hidden * logit_scale if logit_scale != 1.0 else hidden
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+    else:
+        temperature = temperature / logit_scale  # softmax(s z / T) = softmax(z / (T / s))
     if resolve_backend(backend, hidden) == "triton":
         kernel = _triton_kernel()
         log_probs, entropy = kernel(
@@ -211,7 +239,13 @@ def fused_log_probs_entropy(
         log_probs, entropy = _ContiguousGrad.apply(log_probs.float()), _ContiguousGrad.apply(entropy.float())
     else:
         log_probs, entropy = _ChunkedLinearLogProbEntropy.apply(
-            flat_h, weight, flat_y, float(temperature), int(chunk_size), bool(compute_entropy)
+            flat_h,
+            weight,
+            flat_y,
+            float(temperature),
+            int(chunk_size),
+            bool(compute_entropy),
+            None if softcap is None else float(softcap),
         )
     if labels is None:
         log_probs = torch.zeros_like(log_probs)
@@ -235,12 +269,15 @@ def fused_policy_divergence(
     weight: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token KL(p || q), entropy of p and entropy of q for two heads on the same tokens (no grad).
 
-    ``p = softmax(hidden_p W^T / T)`` and ``q = softmax(hidden_q W^T / T)``; e.g. ``hidden_p`` the raw
-    H^{k+1} (internal policy) and ``hidden_q`` the final-normed last layer (full policy). Chunked over
-    tokens with float32 accumulation; memory O(chunk_size x vocab).
+    ``p = softmax(g(hidden_p W^T) / T)`` and ``q = softmax(g(hidden_q W^T) / T)`` with the head's
+    fixed map ``g(z) = softcap(logit_scale * z)`` (see :func:`fused_log_probs_entropy`); e.g.
+    ``hidden_p`` the raw H^{k+1} (internal policy) and ``hidden_q`` the final-normed last layer (full
+    policy). Chunked over tokens with float32 accumulation; memory O(chunk_size x vocab).
 
     Returns:
         ``(kl_pq, entropy_p, entropy_q)``, float32, shaped ``hidden_p.shape[:-1]``.
@@ -255,8 +292,10 @@ def fused_policy_divergence(
     outs = [torch.empty(hp.shape[0], dtype=acc, device=hp.device) for _ in range(3)]
     for start in range(0, hp.shape[0], chunk_size):
         end = min(start + chunk_size, hp.shape[0])
-        logp = torch.log_softmax((hp[start:end].to(acc) @ w.T) / temperature, dim=-1)
-        logq = torch.log_softmax((hq[start:end].to(acc) @ w.T) / temperature, dim=-1)
+        zp, _ = _capped_logits(hp[start:end].to(acc) @ w.T * logit_scale, softcap, temperature)
+        zq, _ = _capped_logits(hq[start:end].to(acc) @ w.T * logit_scale, softcap, temperature)
+        logp = torch.log_softmax(zp, dim=-1)
+        logq = torch.log_softmax(zq, dim=-1)
         p = logp.exp()
         outs[0][start:end] = (p * (logp - logq)).sum(-1)
         outs[1][start:end] = -(p * logp).sum(-1)

@@ -3,7 +3,9 @@
 ``internal_log_probs(model, input_ids, layer)`` runs only decoder layers 0..layer of the model (see
 :mod:`verl_ext.slicing`) and the fused LM head (see :mod:`verl_ext.fused_head`) on the residual
 stream after that layer; no [tokens x vocab] tensor is ever held and layers above ``layer`` neither
-run nor receive gradients.
+run nor receive gradients. Where the model's head applies a fixed map after ``H E_u^T`` (Granite's
+logit scaling, Gemma2's soft cap; :mod:`verl_ext.heads`), pi^k applies it too: pi^k is the model's
+own head on H^{k+1} without the final norm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from verl_ext.fused_head import DEFAULT_CHUNK_SIZE, fused_log_probs_entropy
+from verl_ext.heads import head_spec
 from verl_ext.slicing import exit_after_layer, find_decoder, override_forward, unwrap_model
 
 
@@ -47,13 +50,14 @@ def internal_log_probs(
     """Log-probs and entropies of the internal layer policy pi^{layer+1} (or the full policy).
 
     Convention: ``layer`` is the 0-based decoder index k; the policy is
-    ``softmax(H E_u^T / temperature)`` with H the raw residual stream after ``model.layers[k]``
-    (``final_norm=False``, the paper's definition) or ``norm(H)`` (``final_norm=True``, logit lens).
+    ``softmax(g(H E_u^T) / temperature)`` with H the raw residual stream after ``model.layers[k]``
+    (``final_norm=False``, the paper's definition) or ``norm(H)`` (``final_norm=True``, logit lens),
+    and g the head's fixed logit map (identity for Qwen/Llama; :func:`verl_ext.heads.head_spec`).
     ``layer=None`` is the model's full policy (all layers and the final norm).
 
     Args:
-        model: a Hugging Face causal LM (bare or PEFT-wrapped); Qwen2, Qwen3, Llama and any
-            architecture whose decoder loops over ``layers[: config.num_hidden_layers]``.
+        model: a Hugging Face causal LM (bare or PEFT-wrapped) of an architecture whose decoder
+            loops over ``layers[: config.num_hidden_layers]`` (:mod:`verl_ext.architectures`).
         input_ids: ``[B, T]`` token ids.
         layer: 0-based decoder index k, or None for the full policy.
         attention_mask: ``[B, T]`` with 0 at padding (left or right); position ids are derived
@@ -82,6 +86,7 @@ def internal_log_probs(
     )
     with ctx:
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
+    spec = head_spec(unwrap_model(model))
     log_probs, entropy = fused_log_probs_entropy(
         hidden[:, :-1],
         lm_head_weight(model),
@@ -89,6 +94,8 @@ def internal_log_probs(
         temperature=temperature,
         chunk_size=chunk_size,
         backend=backend,
+        logit_scale=spec.scale,
+        softcap=spec.softcap,
     )
     if attention_mask is not None:
         valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
@@ -170,7 +177,8 @@ def internal_policy_forward(
     runs decoder layers ``0..layer`` only (:func:`~verl_ext.slicing.exit_after_layer`) and returns an
     :class:`InternalPolicyOutput` whose ``log_probs[..., t]`` is ``log pi^k(shift_labels[..., t])``
     (``shift_labels`` defaults to ``input_ids`` rolled left by one, as in verl's fused forward) and
-    whose ``entropy`` is the entropy of ``softmax(H^{k+1} E_u^T / temperature)``, both float32. This
+    whose ``entropy`` is the entropy of ``softmax(g(H^{k+1} E_u^T) / temperature)`` (g: the head's
+    fixed logit map, :func:`verl_ext.heads.head_spec`), both float32. This
     is the contract of verl's ``use_fused_kernels`` forward, so verl's engine reads the result
     unchanged. No [tokens x vocab] tensor is created.
 
@@ -182,6 +190,7 @@ def internal_policy_forward(
         backend: fused-head backend (``auto`` uses verl's Triton kernel on CUDA).
     """
     decoder = find_decoder(model)
+    spec = head_spec(unwrap_model(model))
 
     def forward(
         input_ids=None,
@@ -203,7 +212,14 @@ def internal_policy_forward(
         log_probs, entropy = call_head(
             model,
             lambda h, w: fused_log_probs_entropy(
-                h, w, shift_labels, temperature=float(temperature), chunk_size=chunk_size, backend=backend
+                h,
+                w,
+                shift_labels,
+                temperature=float(temperature),
+                chunk_size=chunk_size,
+                backend=backend,
+                logit_scale=spec.scale,
+                softcap=spec.softcap,
             ),
             hidden,
         )
@@ -238,6 +254,7 @@ def policy_divergence_forward(
     from verl_ext.fused_head import fused_policy_divergence
 
     decoder = find_decoder(model)
+    spec = head_spec(unwrap_model(model))
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):
@@ -252,7 +269,13 @@ def policy_divergence_forward(
         kl, _, ent_full = call_head(
             model,
             lambda h, w: fused_policy_divergence(
-                inner, h, w, temperature=float(temperature), chunk_size=chunk_size
+                inner,
+                h,
+                w,
+                temperature=float(temperature),
+                chunk_size=chunk_size,
+                logit_scale=spec.scale,
+                softcap=spec.softcap,
             ),
             final,
         )

@@ -1,7 +1,9 @@
 """Random-weight causal LMs and a locally trained tokenizer, for tests, benchmarks and smoke runs.
 
 Nothing here downloads anything: models are built from a ``transformers`` config with random
-weights and the tokenizer is a byte-level BPE trained in memory on a few sentences.
+weights and the tokenizer is a byte-level BPE trained in memory on a few sentences. Every
+architecture of the support matrix (:data:`verl_ext.architectures.VERIFIED`) can be built, plus
+``ARCHITECTURES`` by name.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -22,11 +26,17 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from verl_ext.architectures import VERIFIED, verified
+
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
 }
+"""Architectures with their classes named here; :func:`make_config` also builds every verified one."""
+
+BUILDABLE = tuple(dict.fromkeys([*ARCHITECTURES, *(v.model_type for v in VERIFIED)]))
+"""Every ``arch`` :func:`make_config` and :func:`make_model` accept."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +77,13 @@ def make_config(
     attn_implementation: str = "eager",
     **extra,
 ) -> PretrainedConfig:
-    """Build a small config of one of the supported architectures (``qwen3``, ``qwen2``, ``llama``)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    config_cls, _ = ARCHITECTURES[arch]
+    """Build a small config of ``arch`` (a ``model_type`` of :data:`BUILDABLE`).
+
+    A verified architecture gets its matrix entry's ``tiny`` keys (expert counts, non-trivial head
+    and window parameters) under the explicit arguments; ``extra`` overrides both.
+    """
+    if arch not in BUILDABLE:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(BUILDABLE)}")
     kwargs = dict(
         num_hidden_layers=num_hidden_layers,
         hidden_size=hidden_size,
@@ -83,11 +96,16 @@ def make_config(
         bos_token_id=None,
         eos_token_id=1,
         pad_token_id=0,
-        **extra,
     )
     if arch != "qwen2":
         kwargs["head_dim"] = head_dim
-    config = config_cls(**kwargs)
+    if arch not in ARCHITECTURES:
+        kwargs.update(verified(arch).tiny)
+    kwargs.update(extra)
+    if arch in ARCHITECTURES:
+        config = ARCHITECTURES[arch][0](**kwargs)
+    else:
+        config = AutoConfig.for_model(arch, **kwargs)
     config._attn_implementation = attn_implementation
     return config
 
@@ -104,7 +122,7 @@ def make_model(
     """A causal LM with random weights, in eval mode.
 
     Args:
-        arch: ``qwen3``, ``qwen2`` or ``llama``.
+        arch: a ``model_type`` of :data:`BUILDABLE` (``qwen3``, ``qwen2``, ``llama``, ``gemma2``, ...).
         seed: torch seed for the weights.
         dtype: parameter dtype.
         device: where to build it.
@@ -116,9 +134,11 @@ def make_model(
     if init_std is not None:
         config.initializer_range = init_std
     torch.manual_seed(seed)
-    _, model_cls = ARCHITECTURES[arch]
     with torch.device(device):
-        model = model_cls(config)
+        if arch in ARCHITECTURES:
+            model = ARCHITECTURES[arch][1](config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
 
 

@@ -6,10 +6,12 @@ model applies to it) is the raw residual stream H^{k+1} after ``model.layers[k]`
 norm** unless ``final_norm=True`` (the "logit lens").
 
 It works by setting ``config.num_hidden_layers = k + 1`` on the decoder for the duration of the
-context: Qwen2, Qwen3 and Llama in transformers 5.x loop over ``self.layers[: num_hidden_layers]``,
+context: most decoders in transformers 5.x (Qwen2/3, Llama, Mistral, Gemma2/3, the MoE ones; the
+verified list is :mod:`verl_ext.architectures`) loop over ``self.layers[: num_hidden_layers]``,
 so everything around the forward (padding removal, sequence parallel, a fused or plain LM head,
 temperature, FSDP hooks) stays untouched. :func:`check_slicing` verifies on a tiny input that an
-architecture really slices, and is run at start-up by the verl integration.
+architecture really slices and that its head is the one pi^k reproduces (:mod:`verl_ext.heads`),
+and is run at start-up by the verl integration.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from verl_ext.architectures import verified_names
+from verl_ext.heads import HEAD_RULES, head_spec
+
 _ACTIVE_ATTR = "_bupo_exit_after_layer_active"
+_SUPPORTED = f"verified architectures (transformers 5.x): {verified_names()}"
 
 
 class SlicingError(RuntimeError):
@@ -70,7 +76,8 @@ def find_decoder(model: nn.Module) -> nn.Module:
         ):
             return cand
     raise SlicingError(
-        f"cannot find a decoder stack (.layers, .norm, .config.num_hidden_layers) in {type(inner).__name__}"
+        f"cannot find a decoder stack (.layers, .norm, .config.num_hidden_layers) in {type(inner).__name__}; "
+        f"{_SUPPORTED}"
     )
 
 
@@ -164,8 +171,11 @@ def check_slicing(
     Runs the model's own top-level forward on a tiny input, once at full depth and once under
     :func:`exit_after_layer` for each layer checked, and compares what the decoder returns with the
     output of ``model.layers[k]`` in the full run (that is ``hidden_states[k+1]`` for k < L-1), with
-    and without the final norm, and checks that no layer above k ran. Safe under FSDP (every rank
-    must call it, as every rank runs the same forwards).
+    and without the final norm, and checks that no layer above k ran. In the full run it also checks
+    the head: the LM head module sees the final norm's output and the model's logits are
+    :func:`verl_ext.heads.head_spec` applied to what the head module returns (so pi^k, the same
+    head on H^{k+1}, is what the model's head would make of it). Safe under FSDP (every rank must
+    call it, as every rank runs the same forwards).
 
     Args:
         model: the (possibly wrapped) causal LM.
@@ -206,12 +216,22 @@ def check_slicing(
     handles = [lay.register_forward_hook(layer_hook(i)) for i, lay in enumerate(decoder.layers)]
     handles.append(decoder.register_forward_hook(decoder_hook))
     handles.append(decoder.norm.register_forward_hook(norm_hook))
-    name = type(unwrap_model(model)).__name__
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+
+        def head_hook(module, args, output):
+            seen["head_in"] = _first(args).detach().float().clone()
+            seen["head_out"] = _first(output).detach().float().clone()
+
+        handles.append(head.register_forward_hook(head_hook))
+    name = type(inner).__name__
     try:
-        model(input_ids=input_ids, **kwargs)
+        out = model(input_ids=input_ids, **kwargs)
         full = dict(layer_out)
         if len(full) != n:
             raise SlicingError(f"only {len(full)} of {n} decoder layers ran in a full forward of {name}")
+        full_seen = dict(seen)
         for k in layers:
             for final_norm in (False, True):
                 calls[:] = [0] * n
@@ -222,8 +242,7 @@ def check_slicing(
                 if ran_above or "decoder_out" not in seen:
                     raise SlicingError(
                         f"{name}'s forward ignores config.num_hidden_layers: layers {ran_above} ran with "
-                        f"layer={k}. This architecture cannot be sliced; supported: Qwen2, Qwen3, Llama "
-                        "(transformers 5.x)."
+                        f"layer={k}. This architecture cannot be sliced; {_SUPPORTED}."
                     )
                 got = seen["decoder_out"]
                 # Raw: the decoder returns layer k's output. Normed: the final norm saw layer k's output
@@ -238,9 +257,31 @@ def check_slicing(
                             f"{name}: sliced forward at layer={k} (final_norm={final_norm}) differs from the "
                             f"full model's layer output by {err:.3g} (> {atol}); it does not slice cleanly"
                         )
+        _check_head(name, inner, getattr(out, "logits", None), full_seen, atol)
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_head(name: str, model: nn.Module, logits, seen: dict, atol: float) -> None:
+    """The head check of :func:`check_slicing` (skipped when the forward returns no logits)."""
+    if logits is None or "head_out" not in seen or "norm_out" not in seen:
+        return
+    spec = head_spec(model)
+    want = spec.apply(seen["head_out"])
+    logits = logits.detach().float()
+    for what, a, b in (
+        ("the LM head's input is not the final norm's output", seen["head_in"], seen["norm_out"]),
+        ("the logits are not the LM head's output mapped by " + repr(spec), logits, want),
+    ):
+        scale = max(1.0, b.abs().max().item())  # bf16 values are off by a relative 1e-2
+        err = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
+        if err > atol * scale:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise SlicingError(
+                f"{name} ({model_type}): {what} (max difference {err:.3g}). Its head does something "
+                f"pi^k would not reproduce on H^(k+1); known head maps: {sorted(HEAD_RULES)}. {_SUPPORTED}."
+            )
 
 
 def _device_of(module: nn.Module) -> torch.device:

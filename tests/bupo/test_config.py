@@ -9,9 +9,16 @@ import sys
 import pytest
 from _verl_cpu import RECIPE_CONFIG  # noqa: I001
 from hydra import compose, initialize_config_dir
-from transformers import GPT2Config
+from transformers import AutoConfig, GPT2Config
 
-from verl_ext.bupo.config import BuPOConfig, BuPOConfigError, validate_config
+from verl_ext.architectures import REJECTED, VERIFIED
+from verl_ext.bupo.config import (
+    BuPOConfig,
+    BuPOConfigError,
+    architecture_self_test,
+    tiny_config,
+    validate_config,
+)
 from verl_ext.random_models import make_config
 
 QWEN3_4B = make_config("qwen3", num_hidden_layers=36, vocab_size=128)  # Qwen3-4B depth, tiny width
@@ -92,6 +99,55 @@ def test_unsupported_architecture_fails_self_test():
 )
 def test_supported_architectures_pass_self_test(cfg):
     validate_config(_cfg(), hf_config=cfg)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("arch", [v.model_type for v in VERIFIED])
+def test_self_test_on_shallow_models(arch, n_layers):
+    """Issue 15: 1- and 2-layer models (what a CPU run uses) pass; the tiny copy used to keep the
+    original's per-layer ``layer_types`` while growing to 3 layers (an index error in Qwen3)."""
+    architecture_self_test(make_config(arch, num_hidden_layers=n_layers))
+
+
+def test_start_up_accepts_a_two_layer_qwen3():
+    bupo = validate_config(_cfg("bupo.internal_layer=1"), hf_config=make_config("qwen3", num_hidden_layers=2))
+    assert bupo.internal_layer == 1
+
+
+@pytest.mark.parametrize("arch", [v.model_type for v in VERIFIED])
+def test_self_test_on_real_size_default_configs(arch):
+    """The architecture's default (real-size) config: token ids past the tiny vocabulary (Phi-3), MLA
+    and expert widths (DeepSeek-V3) and 5:1 layer patterns (Gemma 3) all shrink consistently."""
+    architecture_self_test(AutoConfig.for_model(arch))
+
+
+def test_tiny_config_keeps_every_kind_of_layer_and_valid_token_ids():
+    gemma3 = AutoConfig.for_model("gemma3_text", num_hidden_layers=34)  # 5 sliding : 1 full
+    tiny = tiny_config(gemma3)
+    assert tiny.num_hidden_layers == 3
+    assert tiny.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert gemma3.num_hidden_layers == 34 and len(gemma3.layer_types) == 34  # the original is untouched
+    grown = tiny_config(make_config("qwen3", num_hidden_layers=1))
+    assert grown.num_hidden_layers == 3 and grown.layer_types == ["full_attention"] * 3
+    phi3 = tiny_config(AutoConfig.for_model("phi3"))  # pad = eos = 32000, vocabulary shrunk to 128
+    assert phi3.pad_token_id is None and phi3.eos_token_id is None and phi3.bos_token_id == 1
+    glm = tiny_config(make_config("qwen3", eos_token_id=[1, 500, 7]))
+    assert glm.eos_token_id == [1, 7]
+    mla = tiny_config(AutoConfig.for_model("deepseek_v3"))  # multi-head: KV heads follow the heads
+    assert mla.num_key_value_heads == mla.num_attention_heads == 4 and mla.n_routed_experts == 4
+
+
+@pytest.mark.parametrize("entry", REJECTED, ids=lambda r: r.model_type)
+def test_rejected_architectures_fail_at_start_up(entry):
+    """Every architecture the README lists as rejected fails validate_config with the matrix's reason."""
+    hf_config = AutoConfig.for_model(entry.model_type)
+    hf_config.num_hidden_layers = 36
+    with pytest.raises(
+        BuPOConfigError, match="actor_rollout_ref.model.path: .* fails the slicing self-test"
+    ) as err:
+        validate_config(_cfg(), hf_config=hf_config)
+    assert entry.error in str(err.value)
+    assert "verified architectures" in str(err.value) and "Qwen3-MoE" in str(err.value)
 
 
 def test_bupo_block_defaults():

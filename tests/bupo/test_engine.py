@@ -1,12 +1,19 @@
-"""verl's real FSDPEngineWithLMHead (FSDP2, gloo, CPU) with the BuPO mixin: pi^k when flagged, pi otherwise."""
+"""verl's real FSDPEngineWithLMHead (FSDP2, gloo, CPU) with the BuPO mixin: pi^k when flagged, pi otherwise.
+
+The Qwen3 tests run with and without padding removal; the support-matrix tests at the end run every
+verified architecture (``verl_ext.architectures.VERIFIED``; MoE ones with the router auxiliary loss
+enabled) through the same engine: log-probs, and a phase-1 then a phase-2 update.
+"""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 
+from verl_ext.architectures import VERIFIED
 from verl_ext.internal_policy import internal_log_probs
 
 LAYER = 1
@@ -176,3 +183,88 @@ def test_worker_rejects_schedule_layer_outside_real_model(verl_cpu, tiny_model_d
     path, _ = tiny_model_dir
     with pytest.raises(ValueError, match=r"bupo.internal_layer=7 .* valid values are 0\.\.3"):
         verl_cpu.build_actor(verl_cpu.compose(str(path)), worker_cls=worker_cls)
+
+
+# -- the support matrix: every verified architecture through verl's engine ----------------------------
+MATRIX_LAYERS = 4
+
+
+@pytest.fixture(scope="module", params=[v.model_type for v in VERIFIED])
+def arch_actor(request, verl_cpu, tmp_path_factory):
+    """(worker, HF model, entry) for one architecture; MoE models have the router aux loss enabled."""
+    from verl_ext.random_models import make_model, save_model_and_tokenizer
+
+    entry = next(v for v in VERIFIED if v.model_type == request.param)
+    aux = dict(output_router_logits=True, router_aux_loss_coef=1.0) if entry.moe else {}
+    model = make_model(entry.model_type, init_std=0.1, num_hidden_layers=MATRIX_LAYERS, **aux)
+    path = tmp_path_factory.mktemp(entry.model_type)
+    save_model_and_tokenizer(model, path)
+    cfg = verl_cpu.compose(str(path), ["actor_rollout_ref.model.use_remove_padding=true"])
+    worker, _ = verl_cpu.build_actor(cfg)  # runs the slicing self-test on the FSDP2 module
+    return worker, model, entry
+
+
+@pytest.mark.parametrize(("layer", "final_norm"), [(LAYER, False), (-1, False), (MATRIX_LAYERS - 1, True)])
+def test_matrix_engine_log_probs(verl_cpu, arch_actor, layer, final_norm):
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from verl_ext.slicing import find_decoder
+
+    worker, model, _ = arch_actor
+    batch, td = _packed(verl_cpu, {"bupo_exit_layer": layer, "bupo_final_norm": final_norm})
+    out = worker.infer_batch(td)
+    lp = no_padding_2_padding(out["log_probs"], td)
+    ent = no_padding_2_padding(out["entropy"], td)
+    mask = batch["response_mask"].bool()
+    ref_lp, ref_ent = _reference(model, batch, None if layer < 0 else layer, final_norm)
+    torch.testing.assert_close(lp[mask], ref_lp[mask], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[mask], ref_ent[mask], atol=2e-5, rtol=1e-5)
+    assert find_decoder(worker.engine.module).config.num_hidden_layers == MATRIX_LAYERS
+    if layer >= 0:
+        full, _ = _reference(model, batch, None)
+        gap = (lp[mask] - full[mask]).abs().max().item()
+        assert gap < 2e-5 if final_norm else gap > 1e-3  # pi^L with the norm is pi; pi^2 is not
+
+
+def test_matrix_phase1_then_phase2_update(verl_cpu, arch_actor, monkeypatch):
+    """Phase 1 changes layers <= k, the embedding and the head only; phase 2 reaches the top layer.
+
+    MoE, router auxiliary loss enabled: phase 1 never computes it (the internal-policy forward calls the
+    decoder, not the causal LM); phase 2 (verl's own forward) computes it and verl 0.9.1's FSDP actor
+    never backpropagates through it. Both phases train the same objective, without the aux loss. If a
+    verl upgrade starts using it, the last assertion fails and the README's MoE note must be revisited.
+    """
+    worker, model, entry = arch_actor
+    modeling = sys.modules[type(model).__module__]
+    balance = getattr(modeling, "load_balancing_loss_func", None)
+    calls, backprop = [], []
+    if balance is not None:
+
+        def spy(*args, **kwargs):
+            aux = balance(*args, **kwargs)
+            calls.append(aux)
+            if isinstance(aux, torch.Tensor) and aux.requires_grad:
+                aux.register_hook(lambda g: backprop.append(g))
+            return aux
+
+        monkeypatch.setattr(modeling, "load_balancing_loss_func", spy)
+
+    before = _snapshot(worker)
+    worker.train_mini_batch(verl_cpu.make_update_batch(PROMPTS[:2], RESPONSES[:2], LAYER, 2))
+    after1 = _snapshot(worker)
+    changed = {k for k in before if not torch.equal(before[k], after1[k])}
+    upper = {k for k in before if any(f"layers.{i}." in k for i in range(LAYER + 1, MATRIX_LAYERS))}
+    assert not changed & (upper | {"model.norm.weight"}), "phase 1 changed layers above k or the norm"
+    assert "model.embed_tokens.weight" in changed and any(f"layers.{LAYER}." in k for k in changed)
+    assert not calls, "phase 1 computed the router aux loss"
+
+    worker.train_mini_batch(verl_cpu.make_update_batch(PROMPTS[:2], RESPONSES[:2], -1, 2))
+    after2 = _snapshot(worker)
+    top = f"layers.{MATRIX_LAYERS - 1}."
+    assert any(top in k and not torch.equal(after1[k], after2[k]) for k in before), (
+        "phase 2 left the top layer"
+    )
+    assert not torch.equal(after1["model.norm.weight"], after2["model.norm.weight"])
+    if entry.moe and balance is not None:
+        assert calls, "control: phase 2 runs the causal LM's forward, which computes the aux loss"
+        assert not backprop, "verl now trains the router aux loss: revisit BuPO's MoE decision"

@@ -16,6 +16,7 @@ from tests.conftest import TOL
 from verl_ext.fused_head import (
     _ContiguousGrad,
     fused_log_probs_entropy,
+    fused_policy_divergence,
     reference_log_probs_entropy,
     triton_available,
 )
@@ -102,6 +103,77 @@ def test_gradcheck_float64(n, v, h, chunk):
         return fused_log_probs_entropy(hd, w, labels, temperature=0.8, chunk_size=chunk, backend="chunked")
 
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _mapped(scale: float, cap: float | None):
+    """Independent float64 reference of the head map: softmax(cap * tanh(scale * z / cap) / T)."""
+
+    def fn(hidden, weight, labels, temperature):
+        z = hidden.double() @ weight.double().T * scale
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        logp = torch.log_softmax(z / temperature, dim=-1)
+        return logp.gather(-1, labels[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    return fn
+
+
+@pytest.mark.parametrize(("scale", "cap"), [(0.25, None), (3.0, None), (1.0, 2.0), (0.5, 1.5)])
+@pytest.mark.parametrize(("n", "v", "chunk"), [(47, 123, 16), (5, 7, 3)])
+def test_head_map_values_and_grads(scale, cap, n, v, chunk):
+    """Granite/Cohere-style scale and Gemma2-style soft cap: values and gradients vs float64 logits."""
+    hidden, weight, labels = _inputs(n, v, seed=n, scale=4.0 if cap else 1.5)  # with a cap: it saturates
+    g = torch.Generator().manual_seed(3)
+    c_lp, c_ent = (
+        torch.randn(n, generator=g, dtype=torch.float64),
+        torch.randn(n, generator=g, dtype=torch.float64),
+    )
+
+    def fused(h, w, y, t):
+        return fused_log_probs_entropy(
+            h, w, y, t, chunk_size=chunk, backend="auto", logit_scale=scale, softcap=cap
+        )
+
+    lp, ent, gh, gw = _grads(fused, hidden, weight, labels, 0.7, c_lp, c_ent)
+    rlp, rent, rgh, rgw = _grads(_mapped(scale, cap), hidden, weight, labels, 0.7, c_lp, c_ent)
+    tol = TOL[torch.float32]
+    for got, want in ((lp, rlp), (ent, rent), (gh, rgh), (gw, rgw)):
+        torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol)
+    plain_lp, _ = _plain(hidden, weight, labels, 0.7)
+    assert (plain_lp - rlp).abs().max() > 1e-2, "control: the map must change the policy"
+
+
+def test_gradcheck_softcap_float64():
+    hidden, weight, labels = _inputs(9, 11, h=4, dtype=torch.float64, seed=13, scale=3.0)
+
+    def fn(hd, w):
+        return fused_log_probs_entropy(hd, w, labels, 0.8, chunk_size=4, logit_scale=0.7, softcap=1.5)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("scale", "cap"), [(1.0, None), (0.25, None), (0.5, 1.5)])
+def test_policy_divergence_with_head_map(scale, cap):
+    hp, weight, _ = _inputs(13, 17, seed=4, scale=3.0)
+    hq, _, _ = _inputs(13, 17, seed=5, scale=3.0)
+    kl, ent_p, ent_q = fused_policy_divergence(
+        hp, hq, weight, 0.9, chunk_size=5, logit_scale=scale, softcap=cap
+    )
+    ref = _mapped(scale, cap)
+    logs = []
+    for h in (hp, hq):
+        z = h.detach().double() @ weight.detach().double().T * scale
+        logs.append(torch.log_softmax((cap * torch.tanh(z / cap) if cap else z) / 0.9, -1))
+    logp, logq = logs
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(kl.double(), (logp.exp() * (logp - logq)).sum(-1), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        ent_p.double(),
+        ref(hp.detach(), weight.detach(), torch.zeros(13, dtype=torch.long), 0.9)[1],
+        atol=tol,
+        rtol=tol,
+    )
+    torch.testing.assert_close(ent_q.double(), -(logq.exp() * logq).sum(-1), atol=tol, rtol=tol)
 
 
 def test_gradcheck_entropy_only_float64():
@@ -212,6 +284,9 @@ def test_saves_no_tokens_by_vocab_tensor():
         ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
         ({"temperature": -1.0}, ValueError, "temperature must be > 0"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be > 0"),
+        ({"logit_scale": 0.0}, ValueError, "logit_scale and softcap must be > 0"),
+        ({"softcap": -1.0}, ValueError, "logit_scale and softcap must be > 0"),
+        ({"softcap": 30.0, "backend": "triton"}, ValueError, "cannot apply a logit soft cap"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):

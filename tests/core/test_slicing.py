@@ -300,6 +300,35 @@ def test_check_slicing_rejects_a_forward_that_bypasses_the_norm():
     _assert_restored(model)
 
 
+def _doubled_logits(module, args, output):
+    output.logits = output.logits * 2.0
+    return output
+
+
+@pytest.mark.parametrize(
+    ("arch", "tamper", "match"),
+    [
+        # a head map this project does not know (the logits are scaled after lm_head)
+        ("qwen3", lambda m: m.register_forward_hook(_doubled_logits), "logits are not the LM head's output"),
+        # something between the final norm and lm_head (MiniCPM-style hidden scaling)
+        (
+            "llama",
+            lambda m: m.lm_head.register_forward_pre_hook(lambda mod, a: (a[0] * 0.5,)),
+            "head's input",
+        ),
+        # Granite's known map, but under a model_type without a rule: not reproduced, so rejected
+        ("granite", lambda m: setattr(m.config, "model_type", "granite_unknown"), "logits are not"),
+    ],
+)
+def test_check_slicing_rejects_a_head_it_would_not_reproduce(arch, tamper, match):
+    model = make_model(arch, init_std=0.1)
+    check_slicing(model)  # control: the untampered model passes
+    tamper(model)
+    with pytest.raises(SlicingError, match=match):
+        check_slicing(model)
+    _assert_restored(model)
+
+
 def test_check_slicing_rejects_a_model_without_a_decoder_stack():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(SlicingError, match="cannot find a decoder stack"):

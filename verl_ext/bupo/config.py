@@ -239,29 +239,95 @@ SHRINK = dict(
     head_dim=16,
     vocab_size=128,
     num_hidden_layers=3,
+    # MoE and multi-head-latent-attention widths (set only where the config has the key)
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    qk_head_dim=32,
+    v_head_dim=16,
 )
+"""Sizes of the tiny random copy :func:`architecture_self_test` builds (at least 3 decoder layers)."""
+
+PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "no_rope_layers", "sliding_windows")
+"""Config lists with one entry per decoder layer (indexed by ``layer_idx`` in the modeling code)."""
+
+
+def _per_layer(values: list, n: int) -> list:
+    """``values`` cut or grown to ``n`` entries, every distinct value first (so each kind of layer runs)."""
+    distinct = list(dict.fromkeys(values))
+    return (distinct + [values[i % len(values)] for i in range(n)])[:n]
+
+
+def tiny_config(hf_config: Any) -> Any:
+    """A copy of ``hf_config`` shrunk to :data:`SHRINK` sizes, consistent for any depth of the original.
+
+    The copy has ``max(3, kinds of layer)`` decoder layers; per-layer lists (:data:`PER_LAYER_KEYS`)
+    are resized to that depth keeping every kind of layer of the original (e.g. sliding and full
+    attention), multi-head attention stays multi-head (``num_key_value_heads == num_attention_heads``,
+    as MLA needs), and token ids outside the shrunk vocabulary are dropped.
+    """
+    import contextlib
+
+    tiny = copy.deepcopy(hf_config)
+    per_layer = {
+        key: list(val)
+        for key in PER_LAYER_KEYS
+        if isinstance(val := getattr(hf_config, key, None), (list, tuple)) and val
+    }
+    sizes = dict(SHRINK)
+    sizes["num_hidden_layers"] = max(
+        [SHRINK["num_hidden_layers"]] + [len(set(v)) for v in per_layer.values()]
+    )
+    heads, kv = (
+        getattr(hf_config, "num_attention_heads", None),
+        getattr(hf_config, "num_key_value_heads", None),
+    )
+    if isinstance(heads, int) and isinstance(kv, int) and kv >= heads:
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]
+    shrunk = {key: val for key, val in sizes.items() if hasattr(tiny, key)}
+    shrunk.update({key: _per_layer(val, sizes["num_hidden_layers"]) for key, val in per_layer.items()})
+    for key, val in shrunk.items():
+        with contextlib.suppress(AttributeError):  # a derived, read-only property (computed from these)
+            setattr(tiny, key, val)
+    vocab = SHRINK["vocab_size"]
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        val = getattr(tiny, key, None)
+        if isinstance(val, int) and not 0 <= val < vocab:
+            setattr(tiny, key, None)
+        elif isinstance(val, (list, tuple)):
+            setattr(tiny, key, [t for t in val if 0 <= t < vocab] or None)
+    tiny._attn_implementation = "eager"
+    return tiny
 
 
 def architecture_self_test(hf_config: Any) -> None:
     """Build a tiny random model of ``hf_config``'s architecture and run the slicing self-test on it.
 
+    Works for a model of any depth (1 layer included): the copy is :func:`tiny_config`.
+
     Raises:
-        BuPOConfigError: the architecture's forward does not slice (or cannot be built).
+        BuPOConfigError: the architecture's forward does not slice, its head does something pi^k
+            does not reproduce, or the tiny copy cannot be built.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     from verl_ext.slicing import SlicingError, check_slicing
 
-    tiny = copy.deepcopy(hf_config)
-    for key, val in SHRINK.items():
-        if hasattr(tiny, key):
-            setattr(tiny, key, val)
-    if getattr(tiny, "layer_types", None) is not None:
-        tiny.layer_types = list(tiny.layer_types)[: SHRINK["num_hidden_layers"]]
-    tiny._attn_implementation = "eager"
     arch = getattr(hf_config, "model_type", type(hf_config).__name__)
     try:
+        tiny = tiny_config(hf_config)
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(tiny).float().eval()
     except Exception as e:
