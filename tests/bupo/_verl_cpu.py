@@ -1,16 +1,13 @@
-"""Run verl 0.9.1's real FSDP engine on CPU (gloo, FSDP2): a test-only platform shim and builders.
+"""Run verl 0.9.1's real FSDP engine on CPU (gloo, FSDP2) in the test process, and builders for it.
 
-verl's own CPU tests stub the device lookups; this goes one step further (as in
-shared/docs/verl-seams.md): a CPU platform registered with verl's PlatformRegistry, gloo process
-group initialised first, engine lookup pinned to the CUDA FSDP engine class, fp32 params. Test code
-only: never imported by the package.
+The package's CPU platform (:mod:`verl_ext.cpu.platform`, selected with ``VERL_PLATFORM=cpu``), a
+gloo process group initialised first, the engine lookup pinned to the CUDA FSDP engine class, fp32
+params. Test code only: never imported by the package.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import types
 from functools import partial
 from pathlib import Path
 
@@ -24,102 +21,9 @@ os.environ["VERL_ENGINE_VENDOR"] = "nvidia"
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from verl.plugin.platform import PlatformRegistry  # noqa: E402
-from verl.plugin.platform.platform_cuda import PlatformCUDA  # noqa: E402
+from verl_ext.cpu.workarounds import register_cpu_platform  # noqa: E402
 
-_cpu = types.SimpleNamespace(**{k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")})
-for _n in ("max_memory_allocated", "max_memory_reserved", "memory_allocated", "memory_reserved"):
-    setattr(_cpu, _n, lambda *a, **k: 0)
-for _n in (
-    "empty_cache",
-    "reset_peak_memory_stats",
-    "ipc_collect",
-    "manual_seed",
-    "manual_seed_all",
-    "synchronize",
-):
-    setattr(_cpu, _n, lambda *a, **k: None)
-_cpu.mem_get_info = lambda *a, **k: (0, 0)
-_cpu.is_available = lambda: True
-_cpu.current_device = lambda: "cpu"
-_cpu.device_count = lambda: 1
-_cpu.get_device_name = lambda *a, **k: "CPU"
-
-
-if "cpu" not in getattr(PlatformRegistry, "_registry", {}):
-
-    @PlatformRegistry.register(platform="cpu")
-    class PlatformCPU(PlatformCUDA):
-        device_name = property(lambda self: "cpu")
-        vendor_name = property(lambda self: "cpu")
-        device_module = property(lambda self: _cpu)
-
-        def is_available(self):
-            return True
-
-        def is_platform_available(self, use_smi_check=False):
-            return True
-
-        def current_device(self):
-            return "cpu"
-
-        def device_count(self):
-            return 1
-
-        def set_device(self, i):
-            pass
-
-        def synchronize(self, i=None):
-            pass
-
-        def manual_seed(self, s):
-            torch.manual_seed(s)
-
-        def manual_seed_all(self, s):
-            torch.manual_seed(s)
-
-        def set_allocator_settings(self, s):
-            pass
-
-        def empty_cache(self):
-            pass
-
-        def get_device_capability(self, i=0):
-            return (None, None)
-
-        def communication_backend_name(self):
-            return "gloo"
-
-        def ray_resource_name(self):
-            return "CPU"
-
-        def ray_resource_options(self, num_gpus):
-            return {"num_cpus": 1}
-
-        def is_ipc_supported(self):
-            return False
-
-        def rollout_env_vars(self):
-            return {}
-
-        def get_collective_module(self):
-            return None
-
-        @contextlib.contextmanager
-        def nvtx_range(self, msg):
-            yield
-
-        def profiler_start(self):
-            pass
-
-        def profiler_stop(self):
-            pass
-
-        def get_device_uuid(self, d):
-            return "cpu"
-
-        def cudart(self):
-            return None
+register_cpu_platform()  # the package's own CPU platform (what VERL_PLATFORM=cpu selects in real runs)
 
 
 def init_gloo(rank: int = 0, world_size: int = 1, init_file: str | None = None) -> None:
