@@ -19,16 +19,22 @@ run_tiny_cpu() {
   export VERL_PLATFORM=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
   export RAY_AUTH_MODE=disabled TORCH_COMPILE_DISABLE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
   export VERL_FILE_LOGGER_ROOT=$out/logs
-  python -m verl_ext.toy_task "$toy" >/dev/null
-  python -m verl_ext.cpu.supervise ${RUN_TIMEOUT:+--timeout "$RUN_TIMEOUT"} -- \
+  local supervise=(python -m verl_ext.cpu.supervise ${RUN_TIMEOUT:+--timeout "$RUN_TIMEOUT"} --)
+  local arg
+  for arg in "$@"; do
+    case $arg in --cfg | --help | --hydra-help | -c) supervise=() ;; esac  # print only: build nothing
+  done
+  [[ ${#supervise[@]} == 0 ]] || python -m verl_ext.toy_task "$toy" >/dev/null
+  "${supervise[@]}" \
     python -m recipe.bupo.main_bupo preset=tiny_cpu \
     actor_rollout_ref.model.path="$toy/model" \
     data.train_files="$toy/train.parquet" \
     data.val_files="$toy/val.parquet" \
     trainer.default_local_dir="$out/ckpt" \
     "$@"
+  [[ ${#supervise[@]} != 0 ]] || return 0
   local logs=("$out"/logs/*/*.jsonl)
-  [[ -e ${logs[0]} ]] || return 0   # e.g. --cfg job: nothing ran
+  [[ -e ${logs[0]} ]] || return 0
   python -m verl_ext.plot_run "${logs[@]}" --out "$out/plots"
   python -m verl_ext.run_summary "${logs[@]}" --json "$out/summary.json"
   echo "outputs: checkpoints $out/ckpt, logs $out/logs, plot $out/plots/metrics.png, summary $out/summary.json"
