@@ -4,6 +4,7 @@
 # Environment variables (all optional):
 #   OUT_DIR   where the run writes (default outputs/tiny_cpu/<name>)
 #   TOY_DIR   the toy model and data (default outputs/tiny_cpu/toy; built on first use)
+#   TOY_ARCH  model_type of the toy model (default qwen3; e.g. qwen3_moe, with its own TOY_DIR)
 #   RUN_TIMEOUT  wall-clock limit in seconds: past it the run and everything it started is stopped (exit 124)
 set -euo pipefail
 
@@ -24,7 +25,7 @@ run_tiny_cpu() {
   for arg in "$@"; do
     case $arg in --cfg | --help | --hydra-help | -c) supervise=() ;; esac  # print only: build nothing
   done
-  [[ ${#supervise[@]} == 0 ]] || python -m verl_ext.toy_task "$toy" >/dev/null
+  [[ ${#supervise[@]} == 0 ]] || python -m verl_ext.toy_task "$toy" --arch "${TOY_ARCH:-qwen3}" >/dev/null
   "${supervise[@]}" \
     python -m recipe.bupo.main_bupo preset=tiny_cpu \
     actor_rollout_ref.model.path="$toy/model" \

@@ -77,13 +77,21 @@ def rows(n: int, split: str, seed: int) -> list[dict[str, Any]]:
 
 
 def build(
-    out_dir: str | Path, *, seed: int = 0, n_train: int = 64, n_val: int = 16, force: bool = False
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 64,
+    n_val: int = 16,
+    arch: str = "qwen3",
+    force: bool = False,
 ) -> Path:
-    """Write ``model/`` (random tiny Qwen3 + tokenizer), ``train.parquet`` and ``val.parquet``.
+    """Write ``model/`` (random tiny model + tokenizer), ``train.parquet`` and ``val.parquet``.
 
     Args:
         out_dir: target folder (created).
         seed: seed of the weights and the prompts.
+        arch: a ``model_type`` :func:`verl_ext.random_models.make_model` builds (default Qwen3; e.g.
+            ``qwen3_moe`` for a tiny mixture of experts with the same dimensions).
         n_train: training prompts.
         n_val: validation prompts.
         force: rebuild even if ``out_dir/manifest.json`` already describes the same build.
@@ -96,12 +104,12 @@ def build(
     from verl_ext.random_models import make_model, make_tokenizer, save_model_and_tokenizer
 
     out = Path(out_dir)
-    manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "model": MODEL_KWARGS}
+    manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "arch": arch, "model": MODEL_KWARGS}
     marker = out / "manifest.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == manifest:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    model = make_model("qwen3", seed=seed, **MODEL_KWARGS)
+    model = make_model(arch, seed=seed, **MODEL_KWARGS)
     save_model_and_tokenizer(model, out / "model", tokenizer=make_tokenizer(MODEL_KWARGS["vocab_size"]))
     pd.DataFrame(rows(n_train, "train", seed)).to_parquet(out / "train.parquet")
     pd.DataFrame(rows(n_val, "test", seed + 1)).to_parquet(out / "val.parquet")
@@ -110,13 +118,14 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m verl_ext.toy_task OUT_DIR [--seed N] [--force]``."""
+    """CLI: ``python -m verl_ext.toy_task OUT_DIR [--seed N] [--arch qwen3_moe] [--force]``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", default="qwen3", help="model_type of the tiny model (default qwen3)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
-    print(build(args.out_dir, seed=args.seed, force=args.force))
+    print(build(args.out_dir, seed=args.seed, arch=args.arch, force=args.force))
 
 
 if __name__ == "__main__":
