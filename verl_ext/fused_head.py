@@ -29,8 +29,24 @@ import functools
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
+"""Rows per chunk of the chunked path on devices without a measured default (CUDA included: not
+measured on a GPU, where ``auto`` normally runs the Triton head, which has no chunks)."""
+CHUNK_SIZE_BY_DEVICE = {"cpu": 256}
+"""Measured defaults per device type: ``benchmarks/internal_forward.py --sweep-chunks`` (see there)."""
 TRITON_HIDDEN_MULTIPLE = 128
 """verl's Triton head kernel asserts ``hidden_size % 128 == 0``; ``auto`` falls back to chunked otherwise."""
+
+
+def default_chunk_size(device: torch.device | str) -> int:
+    """The chunk size used when none is given: measured per device type, :data:`DEFAULT_CHUNK_SIZE` otherwise.
+
+    Args:
+        device: where the head runs (a device or its name, e.g. ``"cpu"``, ``"cuda:0"``).
+
+    Returns:
+        Token rows per chunk.
+    """
+    return CHUNK_SIZE_BY_DEVICE.get(torch.device(device).type, DEFAULT_CHUNK_SIZE)
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -169,7 +185,7 @@ def fused_log_probs_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor | None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     backend: str = "auto",
     compute_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +197,8 @@ def fused_log_probs_entropy(
         labels: ``[...]`` token ids (same leading shape as ``hidden``); ``None`` computes entropy
             only (the returned log-probs are zeros).
         temperature: logits are divided by it (verl's convention: the rollout temperature).
-        chunk_size: token rows per chunk on the chunked path (memory O(chunk_size x V)).
+        chunk_size: token rows per chunk on the chunked path (memory O(chunk_size x V)); None takes
+            :func:`default_chunk_size` of ``hidden``'s device.
         backend: ``"auto"``, ``"chunked"`` or ``"triton"``.
         compute_entropy: chunked path only: skip the entropy (returned as zeros) when False.
 
@@ -191,6 +208,8 @@ def fused_log_probs_entropy(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.device)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if hidden.shape[-1] != weight.shape[-1]:
@@ -234,19 +253,21 @@ def fused_policy_divergence(
     hidden_q: torch.Tensor,
     weight: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token KL(p || q), entropy of p and entropy of q for two heads on the same tokens (no grad).
 
     ``p = softmax(hidden_p W^T / T)`` and ``q = softmax(hidden_q W^T / T)``; e.g. ``hidden_p`` the raw
     H^{k+1} (internal policy) and ``hidden_q`` the final-normed last layer (full policy). Chunked over
-    tokens with float32 accumulation; memory O(chunk_size x vocab).
+    tokens with float32 accumulation; memory O(chunk_size x vocab); ``chunk_size=None`` takes
+    :func:`default_chunk_size` of the device.
 
     Returns:
         ``(kl_pq, entropy_p, entropy_q)``, float32, shaped ``hidden_p.shape[:-1]``.
     """
     if hidden_p.shape != hidden_q.shape:
         raise ValueError(f"hidden shapes differ: {tuple(hidden_p.shape)} vs {tuple(hidden_q.shape)}")
+    chunk_size = default_chunk_size(hidden_p.device) if chunk_size is None else chunk_size
     lead = hidden_p.shape[:-1]
     hp = hidden_p.reshape(-1, hidden_p.shape[-1])
     hq = hidden_q.reshape(-1, hidden_q.shape[-1])
