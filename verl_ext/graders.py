@@ -11,11 +11,11 @@ thread, whatever ``fn`` does:
 - **Threads**: with ``BUPO_REWARD_WORKERS=0``, and for :data:`PROCESS_RETRY_S` seconds after grader
   processes failed to start (e.g. inside a daemonic process, without fork/spawn resources, or in a
   script that grades without an ``if __name__ == "__main__":`` guard: each spawned child re-runs the
-  script, and then refuses to become a grader), in which case the failure is logged once. A thread cannot be killed, so the thread path first asks the
-  caller's ``refuse`` check (the reward refuses answers sympy cannot bound, see
-  :mod:`verl_ext.answer_bounds`) and runs at most :data:`THREADS` computations at once; when every
-  slot is held by a computation past its deadline, calls return ``timeout`` at once instead of adding
-  another thread.
+  script, and then refuses to become a grader), in which case the failure is logged once. A thread
+  cannot be killed, so the thread path first asks the caller's ``refuse`` check (the reward refuses
+  answers sympy cannot bound, see :mod:`verl_ext.answer_bounds`) and runs at most :data:`THREADS`
+  computations at once; when every slot is held by a computation past its deadline, calls return
+  ``timeout`` at once instead of adding another thread.
 """
 
 from __future__ import annotations
