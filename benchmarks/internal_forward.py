@@ -38,6 +38,22 @@ Commands::
     python benchmarks/internal_forward.py --shape qwen3-4b --device cuda --dtype bfloat16   # layer 5, 8192 tokens
     python benchmarks/internal_forward.py --shape qwen3-4b --device cuda --dtype bfloat16 \\
         --tokens 32768 --variants sliced_fused sliced_fused_ckpt --modes update           # the 32k micro-batch
+    python benchmarks/internal_forward.py --sweep-chunks 64 128 256 512 1024 2048 --repeats 5   # chunk sizes
+
+``--chunk-size`` defaults to :func:`verl_ext.fused_head.default_chunk_size` of the device, the
+package's own default.
+
+Chunk sweep measured on the 2-core shared development CPU (torch 2.13 CPU, small shape, 2 x 1024
+tokens, layer 2, 5 repeats, ``--threads 1``), median wall ms (median process CPU ms):
+
+    rows      128            256            512            1024           2048
+    forward   1939 (1396)    1359 (1354)    1602 (1511)    1732 (1612)    1895 (1642)
+    update    4690 (4561)    4402 (4362)    4858 (4830)    4970 (4757)    5042 (4646)
+
+256 rows is the fastest in both modes (forward 1.27x, update 1.13x faster than 1024), hence the CPU
+default. With torch's two threads the same sweep ranked 256 first by the minimum (forward 660 vs
+1025 ms for 1024 rows, update 2605 vs 5264 ms) while its medians were dominated by other load.
+Not measured on a GPU: CUDA keeps 1024 (there ``auto`` runs verl's Triton head, which has no chunks).
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import gc
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,7 +85,7 @@ from _bench_utils import (  # noqa: E402
     time_calls,
 )
 
-from verl_ext.fused_head import DEFAULT_CHUNK_SIZE  # noqa: E402
+from verl_ext.fused_head import default_chunk_size  # noqa: E402
 from verl_ext.internal_policy import internal_log_probs  # noqa: E402
 from verl_ext.random_models import SHAPES, make_model_from_shape  # noqa: E402
 from verl_ext.slicing import exit_after_layer  # noqa: E402
@@ -382,7 +399,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 CPU, bfloat16 GPU")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="fused-head rows per chunk")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="fused-head rows per chunk (default: the device's default)",
+    )
+    p.add_argument(
+        "--sweep-chunks",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="ROWS",
+        help="time sliced_fused at each chunk size instead of the variants (round-robin, --modes)",
+    )
     p.add_argument(
         "--grad-ckpt",
         action=argparse.BooleanOptionalAction,
@@ -402,6 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (5 if gpu else 3)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
+    args.chunk_size = args.chunk_size or default_chunk_size(args.device)
     n_layers = SHAPES[args.shape].num_hidden_layers
     if not 0 <= args.layer < n_layers:
         p.error(f"--layer must be in 0..{n_layers - 1} for --shape {args.shape}")
@@ -428,6 +459,77 @@ def _child_argv(args: argparse.Namespace, variant: str, mode: str) -> list[str]:
     return argv
 
 
+def sweep_chunks(args: argparse.Namespace) -> list[dict]:
+    """Time ``sliced_fused`` (the phase-1 path) at every ``--sweep-chunks`` size on one model and batch.
+
+    Chunk sizes and modes run round-robin (``--warmup`` rounds, then ``--repeats``) so that load swings
+    hit all alike. One record per size and mode (median and minimum wall ms, median process CPU ms,
+    median ratios to the fastest size and to 1024 rows, the chunk's float32 logits buffer), then one
+    with the fastest size per mode by median, by minimum and by CPU time. On a shared, loaded CPU the
+    wall-clock median is mostly other people's load; with ``--threads 1`` the process CPU time is the
+    steady figure (it does not count time spent preempted).
+    """
+    model, ids = build(args)
+    jobs = [(chunk, mode) for mode in args.modes for chunk in args.sweep_chunks]
+    steps = {
+        job: make_step(
+            model, ids, "sliced_fused", job[1], argparse.Namespace(**{**vars(args), "chunk_size": job[0]})
+        )
+        for job in jobs
+    }
+    times: dict[tuple[int, str], list[float]] = {job: [] for job in jobs}
+    cpu_times: dict[tuple[int, str], list[float]] = {job: [] for job in jobs}
+    for round_ in range(args.warmup + args.repeats):
+        for job in jobs:
+            prepare(model, "sliced_fused", job[1], args)
+            cpu0 = time.process_time()
+            (t,) = time_calls(steps[job], repeats=1, warmup=0, device=args.device)
+            if round_ >= args.warmup:
+                times[job].append(t)
+                cpu_times[job].append((time.process_time() - cpu0) * 1e3)
+        print(f"# round {round_ + 1}/{args.warmup + args.repeats} done", file=sys.stderr, flush=True)
+    vocab = model.config.vocab_size
+    records = []
+    best: dict[str, int] = {}
+    for mode in args.modes:
+        med = {chunk: median(times[(chunk, mode)]) for chunk in args.sweep_chunks}
+        fastest = min(med, key=med.get)
+        best[mode] = fastest
+        for chunk in args.sweep_chunks:
+            records.append(
+                {
+                    **_record_base(args, "sliced_fused", mode),
+                    "chunk_size": chunk,
+                    "median_ms": round(med[chunk], 1),
+                    "min_ms": round(min(times[(chunk, mode)]), 1),
+                    "median_cpu_ms": round(median(cpu_times[(chunk, mode)]), 1),
+                    "times_ms": [round(t, 1) for t in times[(chunk, mode)]],
+                    "time_vs_fastest": round(med[chunk] / med[fastest], 3),
+                    "time_vs_1024": round(med[chunk] / med[1024], 3) if 1024 in med else None,
+                    "chunk_logits_mib": round(chunk * vocab * 4 / MiB, 1),
+                }
+            )
+    for r in records:
+        emit(r)
+    summary = {
+        "sweep": "chunk_size",
+        "device": args.device,
+        "shape": args.shape,
+        "tokens": args.tokens,
+        "fastest": best,
+        "fastest_by_min": {
+            mode: min(args.sweep_chunks, key=lambda c, m=mode: min(times[(c, m)])) for mode in args.modes
+        },
+        "fastest_by_cpu": {
+            mode: min(args.sweep_chunks, key=lambda c, m=mode: median(cpu_times[(c, m)]))
+            for mode in args.modes
+        },
+        "current_default": default_chunk_size(args.device),
+    }
+    emit(summary)
+    return [*records, summary]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; print and return the JSON records."""
     args = parse_args(argv)
@@ -440,7 +542,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = _jobs(args)
     emit(
         {
-            "benchmark": "internal_forward",
+            "benchmark": "internal_forward" if not args.sweep_chunks else "internal_forward_chunk_sweep",
             "shape": args.shape,
             **{k: v for k, v in SHAPES[args.shape].__dict__.items() if k != "arch"},
             "layer": args.layer,
@@ -456,6 +558,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         }
     )
+    if args.sweep_chunks:
+        return sweep_chunks(args)
     if args.device.startswith("cuda"):
         records = measure_all_cuda(args, jobs)
     else:

@@ -31,8 +31,29 @@ import functools
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
+"""Rows per chunk of the chunked path on devices without a measured default (CUDA included: not
+measured on a GPU, where ``auto`` normally runs the Triton head, which has no chunks)."""
+CHUNK_SIZE_BY_DEVICE = {"cpu": 256}
+"""Measured defaults per device type (``benchmarks/internal_forward.py --sweep-chunks``, figures there).
+
+CPU: 256 rows were the fastest of 128..2048 for the phase-1 forward and update at the benchmark's
+small shape (V = 32000): forward 1.27x faster than 1024 rows by median wall time on one thread (1.19x
+by CPU time), update 1.13x (1.09x); on two threads the fastest by minimum as well. The chunk's
+float32 logits are chunk x vocab x 4 bytes (256 x 151936 x 4 = 148 MiB at Qwen3 size)."""
 TRITON_HIDDEN_MULTIPLE = 128
 """verl's Triton head kernel asserts ``hidden_size % 128 == 0``; ``auto`` falls back to chunked otherwise."""
+
+
+def default_chunk_size(device: torch.device | str) -> int:
+    """The chunk size used when none is given: measured per device type, :data:`DEFAULT_CHUNK_SIZE` otherwise.
+
+    Args:
+        device: where the head runs (a device or its name, e.g. ``"cpu"``, ``"cuda:0"``).
+
+    Returns:
+        Token rows per chunk.
+    """
+    return CHUNK_SIZE_BY_DEVICE.get(torch.device(device).type, DEFAULT_CHUNK_SIZE)
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -182,7 +203,7 @@ def fused_log_probs_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor | None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     backend: str = "auto",
     compute_entropy: bool = True,
     logit_scale: float = 1.0,
@@ -196,7 +217,8 @@ def fused_log_probs_entropy(
         labels: ``[...]`` token ids (same leading shape as ``hidden``); ``None`` computes entropy
             only (the returned log-probs are zeros).
         temperature: logits are divided by it (verl's convention: the rollout temperature).
-        chunk_size: token rows per chunk on the chunked path (memory O(chunk_size x V)).
+        chunk_size: token rows per chunk on the chunked path (memory O(chunk_size x V)); None takes
+            :func:`default_chunk_size` of ``hidden``'s device.
         backend: ``"auto"``, ``"chunked"`` or ``"triton"``.
         compute_entropy: chunked path only: skip the entropy (returned as zeros) when False.
         logit_scale: multiplies ``hidden @ weight.T`` (a head's fixed scale; folded into the temperature).
@@ -211,6 +233,8 @@ def fused_log_probs_entropy(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logit_scale <= 0 or (softcap is not None and softcap <= 0):
         raise ValueError(f"logit_scale and softcap must be > 0, got {logit_scale} and {softcap}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.device)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if hidden.shape[-1] != weight.shape[-1]:
@@ -268,7 +292,7 @@ def fused_policy_divergence(
     hidden_q: torch.Tensor,
     weight: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,13 +301,15 @@ def fused_policy_divergence(
     ``p = softmax(g(hidden_p W^T) / T)`` and ``q = softmax(g(hidden_q W^T) / T)`` with the head's
     fixed map ``g(z) = softcap(logit_scale * z)`` (see :func:`fused_log_probs_entropy`); e.g.
     ``hidden_p`` the raw H^{k+1} (internal policy) and ``hidden_q`` the final-normed last layer (full
-    policy). Chunked over tokens with float32 accumulation; memory O(chunk_size x vocab).
+    policy). Chunked over tokens with float32 accumulation; memory O(chunk_size x vocab);
+    ``chunk_size=None`` takes :func:`default_chunk_size` of the device.
 
     Returns:
         ``(kl_pq, entropy_p, entropy_q)``, float32, shaped ``hidden_p.shape[:-1]``.
     """
     if hidden_p.shape != hidden_q.shape:
         raise ValueError(f"hidden shapes differ: {tuple(hidden_p.shape)} vs {tuple(hidden_q.shape)}")
+    chunk_size = default_chunk_size(hidden_p.device) if chunk_size is None else chunk_size
     lead = hidden_p.shape[:-1]
     hp = hidden_p.reshape(-1, hidden_p.shape[-1])
     hq = hidden_q.reshape(-1, hidden_q.shape[-1])

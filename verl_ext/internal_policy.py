@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from verl_ext.fused_head import DEFAULT_CHUNK_SIZE, fused_log_probs_entropy
+from verl_ext.fused_head import fused_log_probs_entropy
 from verl_ext.heads import head_spec
 from verl_ext.slicing import exit_after_layer, find_decoder, override_forward, unwrap_model
 
@@ -44,7 +44,7 @@ def internal_log_probs(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     final_norm: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the internal layer policy pi^{layer+1} (or the full policy).
@@ -64,7 +64,8 @@ def internal_log_probs(
             from it so that padding does not change the values at real positions.
         temperature: the logits are divided by it (the rollout temperature).
         final_norm: apply the model's final norm to H^{k+1} (ignored when ``layer`` is None).
-        chunk_size: token rows per chunk of the fused head.
+        chunk_size: token rows per chunk of the fused head (None: the measured default of the device,
+            :func:`verl_ext.fused_head.default_chunk_size`).
         backend: fused-head backend (``auto``, ``chunked``, ``triton``).
 
     Returns:
@@ -167,7 +168,7 @@ def internal_policy_forward(
     model: nn.Module,
     layer: int,
     final_norm: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> Iterator[None]:
     """Make the model's own forward return pi^{layer+1} log-probs and entropies through the fused head.
@@ -186,7 +187,7 @@ def internal_policy_forward(
         model: the causal LM (the module verl's engine calls).
         layer: 0-based decoder index k (paper layer k+1).
         final_norm: apply the final norm to H^{k+1} (logit lens); False is the paper's pi^k.
-        chunk_size: token rows per chunk of the fused head.
+        chunk_size: token rows per chunk of the fused head (None: the device's default).
         backend: fused-head backend (``auto`` uses verl's Triton kernel on CUDA).
     """
     decoder = find_decoder(model)
@@ -234,7 +235,7 @@ def internal_policy_forward(
 
 @contextlib.contextmanager
 def policy_divergence_forward(
-    model: nn.Module, layer: int, final_norm: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: nn.Module, layer: int, final_norm: bool = False, chunk_size: int | None = None
 ) -> Iterator[None]:
     """Make the model's forward return KL(pi^{layer+1} || pi) and the full policy's entropy per token.
 
@@ -249,7 +250,7 @@ def policy_divergence_forward(
         model: the causal LM (possibly wrapped).
         layer: 0-based decoder index k.
         final_norm: whether pi^k applies the final norm (as in training).
-        chunk_size: token rows per chunk.
+        chunk_size: token rows per chunk (None: the device's default).
     """
     from verl_ext.fused_head import fused_policy_divergence
 

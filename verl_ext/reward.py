@@ -8,7 +8,7 @@
 - ``pred`` (str): the extracted answer ("" when there is none).
 - ``reason`` (str): ``match``, ``mismatch`` or why nothing could be graded: ``no_box``, ``empty_box``,
   ``unclosed_box``, ``answer_too_long``, ``no_ground_truth``, ``invalid_input``, ``timeout``,
-  ``grader_error``.
+  ``grader_error``, ``unbounded_answer`` (refused on the thread path, see 4.).
 - ``method`` (str): how the verdict was reached: ``text``, ``exact``, ``number``, ``math_verify`` or
   ``none``.
 - ``source`` (str): the data source, echoed so that verl's validation dumps (which carry the reward's extra
@@ -26,14 +26,15 @@ Grading, in order:
    parse ``Yes`` as the product ``y*e*s`` and accept any anagram.
 3. Identical strings after whitespace/``\\left``/``\\dfrac`` normalisation, and plain numbers (thousands
    separators allowed) are decided without math-verify.
-4. Everything else goes to math-verify (``parse`` + ``verify`` with their signal-based timeouts off) in a
-   small pool of spawned worker processes. Each call waits at most ``timeout_s`` seconds for its worker;
-   a worker that overruns is killed and replaced, so no input can hang the caller, in any thread.
-   ``BUPO_REWARD_WORKERS`` sets the pool size (default ``min(4, cpu_count)``); ``0`` grades in a daemon
-   thread of the calling process instead (bounded wait, but a runaway computation keeps its thread), which
-   is also the fallback where child processes cannot be started. Waiting for a free grader is bounded by
-   :data:`DEFAULT_QUEUE_WAIT_S`; a grader's one-time start-up (about a second) by
-   :data:`WORKER_STARTUP_TIMEOUT_S`. Verdicts are cached per (ground truth, answer).
+4. Everything else goes to math-verify (``parse`` + ``verify`` with their signal-based timeouts off) through
+   :mod:`verl_ext.graders`: a ``pebble`` pool of spawned grader processes (``BUPO_REWARD_WORKERS``, default
+   ``min(4, cpu_count)``). A call waits at most :data:`DEFAULT_QUEUE_WAIT_S` for a free grader and
+   ``timeout_s`` for the verdict; a grader that overruns is killed and replaced, so no input can hang the
+   caller, in any thread. With ``BUPO_REWARD_WORKERS=0``, or for a while after grader processes failed to
+   start (logged once), math-verify runs in at most two threads of the calling process, still bounded
+   per call; as a thread cannot be stopped, answers sympy cannot bound (exponent towers, huge factorials,
+   very long expressions, :mod:`verl_ext.answer_bounds`) are refused there: score 0, reason
+   ``unbounded_answer``. Verdicts are cached per (ground truth, answer).
 
 Percent signs are dropped before grading (``50\\%`` equals ``50``); ``^\\circ``, ``\\text{ cm}`` units and
 ``\\$`` are handled by math-verify.
@@ -41,18 +42,16 @@ Percent signs are dropped before grading (``50\\%`` equals ``50``); ``^\\circ``,
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import logging
-import multiprocessing
-import os
 import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from verl_ext import graders
+from verl_ext.answer_bounds import unbounded_reason
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,6 @@ DEFAULT_TIMEOUT_S = 5.0
 """Default wall-clock limit (seconds) for one math-verify grading."""
 DEFAULT_QUEUE_WAIT_S = 30.0
 """How long a call may wait for a free grader process before it gives up (score 0, reason ``timeout``)."""
-WORKER_STARTUP_TIMEOUT_S = 120.0
-"""How long a new grader process may take to import math-verify and report ready."""
 MAX_ANSWER_CHARS = 1000
 """Longest box content that is graded; longer contents score 0 with reason ``answer_too_long``."""
 MAX_EMPTY_BOXES_SKIPPED = 100
@@ -78,6 +75,7 @@ REASONS = (
     "invalid_input",
     "timeout",
     "grader_error",
+    "unbounded_answer",
 )
 METHODS = ("text", "exact", "number", "math_verify", "none")
 
@@ -279,14 +277,14 @@ def quick_verdict(gold: str, pred: str) -> tuple[bool | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# math-verify, in worker processes
+# math-verify, in grader processes (verl_ext.graders)
 # ---------------------------------------------------------------------------------------------------------
 
 
 def math_verify_equal(gold: str, pred: str) -> bool:
     """math-verify's verdict on two answer strings, with its own (signal-based) timeouts off.
 
-    Unbounded in time: call it through the worker pool (see :func:`verify_bounded`).
+    Unbounded in time: call it through :func:`verify_bounded`.
     """
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -322,212 +320,19 @@ def _parse_gold(gold: str):
     return parsed
 
 
-def _quiet_math_verify() -> None:
-    for name in ("math_verify", "math_verify.parser", "math_verify.grader"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _worker_main(conn) -> None:
-    """Grader process loop: receive ``(gold, pred)``, answer ``("ok", bool)`` or ``("error", message)``."""
-    _quiet_math_verify()
-    try:
-        import math_verify  # noqa: F401
-    except Exception as e:  # pragma: no cover - import failure is reported to the parent
-        conn.send(("error", f"import math_verify failed: {e!r}"))
-        return
-    conn.send(("ready", None))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        gold, pred = msg
-        try:
-            conn.send(("ok", math_verify_equal(gold, pred)))
-        except Exception as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"[:200]))
-
-
-class _Worker:
-    """One grader process and its pipe."""
-
-    def __init__(self, ctx) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="bupo-reward-grader")
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(WORKER_STARTUP_TIMEOUT_S):
-            self.kill()
-            raise RuntimeError(f"grader process did not start within {WORKER_STARTUP_TIMEOUT_S} s")
-        kind, payload = self.conn.recv()
-        if kind != "ready":
-            self.kill()
-            raise RuntimeError(f"grader process failed to start: {payload}")
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.close()
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(timeout=5)
-
-
-class _GraderPool:
-    """A thread-safe pool of grader processes; an overrunning or dead worker is killed and replaced."""
-
-    def __init__(self, max_workers: int) -> None:
-        self.max_workers = max(1, max_workers)
-        self.pid = os.getpid()
-        self._ctx = multiprocessing.get_context("spawn")
-        self._idle: list[_Worker] = []
-        self._count = 0
-        self._cv = threading.Condition()
-        self.kills = 0
-
-    def _acquire(self, wait_s: float) -> _Worker | None:
-        deadline = time.monotonic() + wait_s
-        with self._cv:
-            while True:
-                if self._idle:
-                    return self._idle.pop()
-                if self._count < self.max_workers:
-                    self._count += 1
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cv.wait(remaining)
-        try:
-            return _Worker(self._ctx)
-        except BaseException:
-            with self._cv:
-                self._count -= 1
-                self._cv.notify()
-            raise
-
-    def _release(self, worker: _Worker, healthy: bool) -> None:
-        if not healthy:
-            worker.kill()
-            self.kills += 1
-        with self._cv:
-            if healthy:
-                self._idle.append(worker)
-            else:
-                self._count -= 1
-            self._cv.notify()
-
-    def verify(self, gold: str, pred: str, timeout_s: float, wait_s: float) -> tuple[str, bool | str | None]:
-        """Grade in a worker. Returns ``("ok", verdict)``, ``("timeout", None)`` or ``("error", message)``."""
-        for attempt in range(2):
-            worker = self._acquire(wait_s)
-            if worker is None:
-                return "timeout", None
-            try:
-                worker.conn.send((gold, pred))
-                if not worker.conn.poll(timeout_s):
-                    self._release(worker, healthy=False)
-                    return "timeout", None
-                kind, payload = worker.conn.recv()
-            except (EOFError, OSError) as e:  # the worker died (killed from outside, out of memory, ...)
-                self._release(worker, healthy=False)
-                if attempt == 0:
-                    continue
-                return "error", f"grader process died: {e!r}"
-            self._release(worker, healthy=True)
-            return kind, payload
-        return "error", "unreachable"
-
-    def shutdown(self) -> None:
-        with self._cv:
-            idle, self._idle = self._idle, []
-            self._count -= len(idle)
-        for w in idle:
-            with contextlib.suppress(OSError):
-                w.conn.send(None)
-            w.kill()
-
-
-_POOL: _GraderPool | None = None
-_POOL_LOCK = threading.Lock()
-_INLINE = False
 _VERDICT_CACHE: OrderedDict[tuple[str, str], bool] = OrderedDict()
 _VERDICT_CACHE_LOCK = threading.Lock()
 _VERDICT_CACHE_SIZE = 65536
 
-
-def _default_workers() -> int:
-    env = os.environ.get("BUPO_REWARD_WORKERS")
-    if env is not None and env.strip() != "":
-        return int(env)
-    return min(4, os.cpu_count() or 1)
-
-
-def configure(max_workers: int | None = None) -> None:
-    """Set the number of grader processes (0 = grade in a daemon thread) and drop the current pool.
-
-    Args:
-        max_workers: Pool size; None reads ``BUPO_REWARD_WORKERS`` again (default ``min(4, cpu_count)``).
-    """
-    global _POOL, _INLINE
-    with _POOL_LOCK:
-        if _POOL is not None and _POOL.pid == os.getpid():
-            _POOL.shutdown()
-        n = _default_workers() if max_workers is None else max_workers
-        _INLINE = n <= 0
-        _POOL = None if _INLINE else _GraderPool(n)
-
-
-def shutdown() -> None:
-    """Stop the idle grader processes (busy ones are stopped when their call returns)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is not None and _POOL.pid == os.getpid():
-            _POOL.shutdown()
-        _POOL = None
-
-
-atexit.register(shutdown)
-
-
-def _get_pool() -> _GraderPool | None:
-    global _POOL, _INLINE
-    with _POOL_LOCK:
-        if _INLINE:
-            return None
-        if _POOL is None or _POOL.pid != os.getpid():  # first use, or we are a forked child: start afresh
-            n = _default_workers()
-            if n <= 0:
-                _INLINE = True
-                return None
-            _POOL = _GraderPool(n)
-        return _POOL
-
-
-def _verify_inline(gold: str, pred: str, timeout_s: float) -> tuple[str, bool | str | None]:
-    """Grade in a daemon thread and wait at most ``timeout_s`` (the thread cannot be killed)."""
-    result: list[tuple[str, Any]] = []
-
-    def run() -> None:
-        try:
-            _quiet_math_verify()
-            result.append(("ok", math_verify_equal(gold, pred)))
-        except Exception as e:
-            result.append(("error", f"{type(e).__name__}: {e}"[:200]))
-
-    t = threading.Thread(target=run, daemon=True, name="bupo-reward-inline")
-    t.start()
-    t.join(timeout_s)
-    if not result:
-        return "timeout", None
-    return result[0]
+configure = graders.configure
+shutdown = graders.shutdown
+grading_mode = graders.mode
 
 
 def verify_bounded(
     gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S, wait_s: float = DEFAULT_QUEUE_WAIT_S
 ) -> tuple[str, bool | str | None]:
-    """math-verify's verdict with a hard wall-clock bound, from any thread.
+    """math-verify's verdict within ``wait_s + timeout_s`` (plus about half a second), from any thread.
 
     Args:
         gold: Normalised ground truth.
@@ -536,33 +341,23 @@ def verify_bounded(
         wait_s: Limit for waiting for a free grader process.
 
     Returns:
-        ``("ok", verdict)``, ``("timeout", None)`` or ``("error", message)``.
+        ``("ok", verdict)``, ``("timeout", None)``, ``("error", message)``, or, when grading in threads,
+        ``("refused", why)`` for an answer sympy cannot bound (:func:`verl_ext.answer_bounds.unbounded_reason`).
     """
     key = (gold, pred)
     with _VERDICT_CACHE_LOCK:
         if key in _VERDICT_CACHE:
             _VERDICT_CACHE.move_to_end(key)
             return "ok", _VERDICT_CACHE[key]
-    global _INLINE
-    pool = _get_pool()
-    if pool is None:
-        out = _verify_inline(gold, pred, timeout_s)
-    else:
-        try:
-            out = pool.verify(gold, pred, timeout_s, wait_s)
-        except (AssertionError, OSError) as e:  # no child processes here (e.g. inside a daemonic process)
-            logger.warning("reward grader processes unavailable (%r); grading in threads from now on", e)
-            with _POOL_LOCK:
-                _INLINE = True
-            out = _verify_inline(gold, pred, timeout_s)
-        except Exception as e:  # a grader process failed to start: grade this one in a thread
-            logger.warning("reward grader process failed to start (%r); grading this answer in a thread", e)
-            out = _verify_inline(gold, pred, timeout_s)
+    out = graders.run(
+        math_verify_equal, (gold, pred), timeout_s, wait_s, refuse=lambda: unbounded_reason(pred)
+    )
     if out[0] == "ok":
         with _VERDICT_CACHE_LOCK:
             _VERDICT_CACHE[key] = bool(out[1])
             if len(_VERDICT_CACHE) > _VERDICT_CACHE_SIZE:
                 _VERDICT_CACHE.popitem(last=False)
+        return "ok", bool(out[1])
     return out
 
 
@@ -619,6 +414,9 @@ def _gold_candidates(ground_truth: Any) -> list[str]:
     return golds
 
 
+_FAILURES = {"timeout": ("timeout", "math_verify"), "refused": ("unbounded_answer", "none")}
+
+
 def grade_answer(pred: str, ground_truth: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str, str]:
     """Grade an already extracted answer against the ground truth.
 
@@ -643,7 +441,7 @@ def grade_answer(pred: str, ground_truth: Any, timeout_s: float = DEFAULT_TIMEOU
         if verdict is None:
             status, payload = verify_bounded(g, p, timeout_s=timeout_s)
             if status != "ok":
-                failure = ("timeout" if status == "timeout" else "grader_error", "math_verify")
+                failure = _FAILURES.get(status, ("grader_error", "math_verify"))
                 continue
             verdict = bool(payload)
         if verdict:

@@ -179,3 +179,75 @@ def test_entry_point_fails_before_ray(tiny_model_dir, tmp_path):
     assert "bupo.internal_layer=4 is outside the model's range" in proc.stderr
     assert "valid values are 0..3" in proc.stderr
     assert "ray init" not in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layers are checked whether phase 1 is on or not; enable=true needs a phase-1 step
+# --------------------------------------------------------------------------------------------------------
+
+PRESET_DEPTHS = {"qwen3_4b": 36, "qwen3_8b": 36, "octothinker_3b": 28, "octothinker_8b": 32}
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["bupo.enable=false", "bupo.internal_layer=99"], "bupo.internal_layer=99 is outside"),
+        (["bupo.internal_steps=0", "bupo.enable=false", "bupo.internal_layer=36"], "bupo.internal_layer=36"),
+        (
+            ["bupo.enable=false", "bupo.schedule=[{layer:5,steps:0},{layer:40,steps:3}]"],
+            "bupo.schedule[1].layer=40 is outside",
+        ),
+    ],
+)
+def test_set_layer_is_checked_with_phase1_off(overrides, key):
+    with pytest.raises(BuPOConfigError, match=r"valid values are 0\.\.35") as err:
+        validate_config(_cfg(*overrides), hf_config=QWEN3_4B)
+    assert key in str(err.value)
+
+
+def test_enable_without_a_phase1_step_names_both_ways_out():
+    with pytest.raises(BuPOConfigError) as err:
+        validate_config(_cfg("bupo.internal_steps=0"), hf_config=QWEN3_4B)
+    msg = str(err.value)
+    assert "bupo.enable=true" in msg and "bupo.internal_steps=N" in msg and "bupo.enable=false" in msg
+    with pytest.raises(BuPOConfigError, match="no step trains an internal policy"):
+        validate_config(_cfg("bupo.schedule=[{layer:5,steps:0}]"), hf_config=QWEN3_4B)
+
+
+def test_issue_case_base_config_with_out_of_range_layer_fails(tiny_model_dir):
+    """No preset, ``internal_steps`` forgotten, layer 99 on a 4-layer model: rejected, model config read."""
+    path, _ = tiny_model_dir
+    with initialize_config_dir(config_dir=str(RECIPE_CONFIG), version_base=None):
+        base = compose("bupo_trainer", overrides=[f"actor_rollout_ref.model.path={path}"])
+        cfg = compose(
+            "bupo_trainer", overrides=[f"actor_rollout_ref.model.path={path}", "bupo.internal_layer=99"]
+        )
+        grpo = compose(
+            "bupo_trainer",
+            overrides=[f"actor_rollout_ref.model.path={path}", "bupo.internal_layer=99", "bupo.enable=false"],
+        )
+    for c in (base, cfg):
+        with pytest.raises(BuPOConfigError, match="bupo.enable=false for the GRPO baseline"):
+            validate_config(c, self_test=False)
+    with pytest.raises(BuPOConfigError, match=r"bupo.internal_layer=99 is outside.*valid values are 0\.\.3"):
+        validate_config(grpo, self_test=False)  # reads the 4-layer model's config.json
+
+
+@pytest.mark.parametrize("enable", [True, False], ids=["bupo", "grpo_twin"])
+@pytest.mark.parametrize("preset", sorted(PRESET_DEPTHS))
+def test_every_preset_and_its_grpo_twin_are_valid(preset, enable):
+    hf = make_config("llama", num_hidden_layers=PRESET_DEPTHS[preset], vocab_size=128)
+    bupo = validate_config(
+        _cfg(f"bupo.enable={str(enable).lower()}", preset=preset), hf_config=hf, self_test=False
+    )
+    assert bupo.phase1_active is enable
+    assert bupo.head_chunk_size is None  # the device's default
+
+
+def test_head_chunk_size_accepts_rows_null_and_auto():
+    assert BuPOConfig.from_dict({"head_chunk_size": 256}).head_chunk_size == 256
+    assert BuPOConfig.from_dict({"head_chunk_size": None}).head_chunk_size is None
+    assert BuPOConfig.from_dict({"head_chunk_size": "auto"}).head_chunk_size is None
+    for bad in (0, -4, 2.5, "big", True):
+        with pytest.raises(BuPOConfigError, match="bupo.head_chunk_size must be an integer > 0 or null"):
+            BuPOConfig.from_dict({"head_chunk_size": bad})

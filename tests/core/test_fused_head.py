@@ -349,3 +349,26 @@ def test_triton_backend_matches_reference_cuda():  # pragma: no cover - GPU only
     rgh, rgw = torch.autograd.grad(rlp.sum() + rent.sum(), (hidden, weight))
     torch.testing.assert_close(gh, rgh, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(gw, rgw, atol=1e-3, rtol=1e-3)
+
+
+def test_default_chunk_size_is_chosen_per_device(monkeypatch):
+    """No chunk size given: the device's measured default (CPU), 1024 rows where none was measured."""
+    from verl_ext import fused_head
+
+    assert fused_head.default_chunk_size("cpu") == fused_head.CHUNK_SIZE_BY_DEVICE["cpu"] == 256
+    assert fused_head.default_chunk_size(torch.device("cuda", 0)) == fused_head.DEFAULT_CHUNK_SIZE == 1024
+    seen = []
+    apply = fused_head._ChunkedLinearLogProbEntropy.apply
+
+    def spy(*args):
+        seen.append(args[4])  # (hidden, weight, labels, temperature, chunk_size, need_entropy)
+        return apply(*args)
+
+    monkeypatch.setattr(fused_head._ChunkedLinearLogProbEntropy, "apply", spy)
+    hidden, weight, labels = _inputs(600, 11)
+    lp, ent = fused_log_probs_entropy(hidden, weight, labels)
+    ref_lp, ref_ent = reference_log_probs_entropy(hidden.double(), weight.double(), labels)
+    assert seen == [256]
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(lp.double(), ref_lp, atol=tol, rtol=tol)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=tol, rtol=tol)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,16 @@ logger = logging.getLogger(__name__)
 
 TRAINER_NAME = "bupo_sync"
 LOSS_NAME = "bupo"
+
+
+_INT_KEYS = {
+    "internal_steps": 0,
+    "full_policy_metrics_freq": 0,
+    "full_policy_metrics_samples": 1,
+    "layer_entropy_freq": 0,
+    "layer_entropy_samples": 1,
+}
+"""Integer keys of the ``bupo:`` block and their smallest valid value."""
 
 
 class BuPOConfigError(ValueError):
@@ -36,7 +47,8 @@ class BuPOConfig:
         final_norm: apply the final norm to H^{k+1} (logit lens); False is the paper's definition.
         schedule: optional bottom-up schedule, a list of ``{layer, steps}`` replacing the two above.
         self_test: run the slicing self-test on the real model when the actor is built.
-        head_chunk_size: token rows per chunk of the fused head (chunked backend).
+        head_chunk_size: token rows per chunk of the fused head (chunked backend); None = the measured
+            default of the actor's device (:func:`verl_ext.fused_head.default_chunk_size`).
         full_policy_metrics_freq: every N steps of phase 1, log the full policy's entropy and
             KL(pi^k || pi) on a sub-sample (0 = never).
         full_policy_metrics_samples: sub-sample size (responses) for those metrics.
@@ -51,7 +63,7 @@ class BuPOConfig:
     final_norm: bool = False
     schedule: tuple = ()
     self_test: bool = True
-    head_chunk_size: int = 1024
+    head_chunk_size: int | None = None
     full_policy_metrics_freq: int = 10
     full_policy_metrics_samples: int = 16
     layer_entropy_freq: int = 0
@@ -66,17 +78,26 @@ class BuPOConfig:
             block = {}
         data = _to_container(block)
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise BuPOConfigError(
-                f"unknown key(s) bupo.{', bupo.'.join(unknown)}; valid keys: {sorted(known)}"
+                f"unknown key(s) bupo.{', bupo.'.join(map(str, unknown))}; valid keys: {sorted(known)}"
             )
-        for key in ("internal_steps", "head_chunk_size", "full_policy_metrics_freq", "layer_entropy_freq"):
+        for key in ("enable", "final_norm", "self_test"):
             val = data.get(key, getattr(cls, key))
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise BuPOConfigError(f"bupo.{key} must be an integer >= 0, got {val!r}")
-        if data.get("head_chunk_size", 1) == 0:
-            raise BuPOConfigError("bupo.head_chunk_size must be > 0")
+            if not isinstance(val, bool):
+                raise BuPOConfigError(f"bupo.{key} must be true or false, got {val!r}"[:300])
+        for key, low in _INT_KEYS.items():
+            val = data.get(key, getattr(cls, key))
+            if isinstance(val, bool) or not isinstance(val, int) or val < low:
+                raise BuPOConfigError(f"bupo.{key} must be an integer >= {low}, got {val!r}")
+        chunk = data.get("head_chunk_size")
+        if chunk == "auto":
+            data["head_chunk_size"] = chunk = None
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+            raise BuPOConfigError(
+                f"bupo.head_chunk_size must be an integer > 0 or null (the device's default), got {chunk!r}"
+            )
         layer = data.get("internal_layer")
         if (
             layer is not None
@@ -86,17 +107,19 @@ class BuPOConfig:
             raise BuPOConfigError(
                 f"bupo.internal_layer must be a 0-based decoder index >= 0 (paper layer - 1) or {AUTO}, got {layer!r}"
             )
+        stages = data.get("schedule") or ()
+        if not isinstance(stages, (list, tuple)):
+            raise BuPOConfigError(
+                f"bupo.schedule must be a list of {{layer, steps}} stages (or null), got {stages!r}"[:300]
+            )
         _check_auto_keys(data)
-        data["schedule"] = tuple(data.get("schedule") or ())
+        data["schedule"] = tuple(stages)
         cfg = cls(**data)
-        if cfg.enable:
-            try:
-                sched = Schedule.from_config(cfg.internal_layer, cfg.internal_steps, cfg.schedule)
-            except ValueError as e:
-                raise BuPOConfigError(f"bupo.schedule / bupo.internal_*: {e}") from e
-        else:
-            sched = Schedule([])
-        object.__setattr__(cfg, "_schedule", sched)
+        try:  # parsed even when disabled, so that a malformed schedule is reported either way
+            sched = Schedule.from_config(cfg.internal_layer, cfg.internal_steps, cfg.schedule)
+        except ValueError as e:
+            raise BuPOConfigError(f"bupo.schedule / bupo.internal_*: {e}"[:500]) from e
+        object.__setattr__(cfg, "_schedule", sched if cfg.enable else Schedule([]))
         return cfg
 
     @property
@@ -136,7 +159,14 @@ def _to_container(block: Any) -> dict:
             return OmegaConf.to_container(block, resolve=True)
     except ImportError:  # pragma: no cover
         pass
-    return dict(copy.deepcopy(block))
+    except Exception as e:  # a missing value or a broken interpolation inside the block
+        raise BuPOConfigError(f"the bupo block cannot be read ({e}); check its bupo.* keys") from e
+    if not isinstance(block, Mapping):
+        raise BuPOConfigError(
+            f"the bupo block must be a mapping of bupo.* keys (bupo.enable, bupo.internal_layer, ...), got "
+            f"{block!r}"[:300]
+        )
+    return dict(copy.deepcopy(dict(block)))
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:
@@ -151,18 +181,37 @@ def _get(config: Any, dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
+def set_layers(bupo: BuPOConfig) -> list[tuple[str, int]]:
+    """Every exit layer the block sets, with its key: ``internal_layer`` and each schedule stage, enabled or not."""
+    layers = []
+    if isinstance(bupo.internal_layer, int):
+        layers.append(("bupo.internal_layer", bupo.internal_layer))
+    if bupo.schedule:
+        stages = Schedule.from_config(None, 0, bupo.schedule).stages  # parsed once in from_dict already
+        # an `auto` stage is chosen from the real model's profile: in range by construction
+        layers += [(f"bupo.schedule[{i}].layer", st.layer) for i, st in enumerate(stages) if st.layer != AUTO]
+    return layers
+
+
 def check_layers(bupo: BuPOConfig, num_layers: int) -> None:
-    """Reject exit layers outside ``0..num_layers-1`` (0-based), naming the key and the valid range."""
-    for i, st in enumerate(bupo.schedule_obj.stages):
-        if st.layer == AUTO:  # chosen from the real model's profile: in range by construction
-            continue
-        if not 0 <= st.layer < num_layers:
-            key = f"bupo.schedule[{i}].layer" if bupo.schedule else "bupo.internal_layer"
+    """Reject set layers outside ``0..num_layers-1`` (0-based), phase 1 or not, naming the key and the range."""
+    for key, layer in set_layers(bupo):
+        if not 0 <= layer < num_layers:
             raise BuPOConfigError(
-                f"{key}={st.layer} is outside the model's range: it is a 0-based decoder index and this "
+                f"{key}={layer} is outside the model's range: it is a 0-based decoder index and this "
                 f"model has {num_layers} layers, so valid values are 0..{num_layers - 1} (paper layer = "
                 f"index + 1; e.g. the paper's pi^6 is internal_layer=5)"
             )
+
+
+def check_enabled_has_phase1(bupo: BuPOConfig) -> None:
+    """Reject ``enable: true`` without a single internal-policy step (it would silently train plain GRPO)."""
+    if bupo.enable and not bupo.phase1_active:
+        raise BuPOConfigError(
+            "bupo.enable=true but no step trains an internal policy (bupo.internal_steps=0 and no "
+            "bupo.schedule stage with steps > 0): set bupo.internal_layer=K bupo.internal_steps=N (or pick a preset=...) for BuPO, "
+            "or bupo.enable=false for the GRPO baseline"
+        )
 
 
 def check_verl_config(config: Any, bupo: BuPOConfig) -> None:
@@ -361,7 +410,8 @@ def validate_config(config: Any, hf_config: Any = None, self_test: bool = True) 
     """
     bupo = BuPOConfig.from_dict(_get(config, "bupo"))
     check_verl_config(config, bupo)
-    if not bupo.phase1_active:
+    check_enabled_has_phase1(bupo)
+    if not set_layers(bupo) and not bupo.phase1_active:  # nothing to check on the model
         return bupo
     if hf_config is None:
         try:
@@ -372,6 +422,6 @@ def validate_config(config: Any, hf_config: Any = None, self_test: bool = True) 
             )
             return bupo
     check_layers(bupo, int(hf_config.num_hidden_layers))
-    if self_test:
+    if self_test and bupo.phase1_active:
         architecture_self_test(hf_config)
     return bupo

@@ -22,6 +22,7 @@ from verl_ext.internal_policy import internal_policy_forward, policy_divergence_
 EXIT_LAYER_KEY = "bupo_exit_layer"
 FINAL_NORM_KEY = "bupo_final_norm"
 CHUNK_KEY = "bupo_head_chunk_size"
+"""Rows per fused-head chunk; 0 = the device's default (:func:`verl_ext.fused_head.default_chunk_size`)."""
 DIAGNOSE_KEY = "bupo_diagnose_layer"
 
 
@@ -50,7 +51,8 @@ class BuPOEngineMixin:
         if isinstance(micro_batch["temperature"], torch.Tensor):
             raise ValueError("BuPO phase 1 needs one scalar rollout temperature, not per-sample temperatures")
         final_norm = bool(tu.get_non_tensor_data(data=micro_batch, key=FINAL_NORM_KEY, default=False))
-        chunk = int(tu.get_non_tensor_data(data=micro_batch, key=CHUNK_KEY, default=1024))
+        # 0 (bupo.head_chunk_size: null) -> None: the fused head takes its device's default
+        chunk = int(tu.get_non_tensor_data(data=micro_batch, key=CHUNK_KEY, default=0)) or None
         # Both contexts answer with log_probs/entropy: verl's fused-kernel output contract.
         tu.assign_non_tensor(micro_batch, use_fused_kernels=True)
         if layer == FULL_POLICY:  # diagnostics: log_probs <- KL(pi^k || pi), entropy <- H(pi)

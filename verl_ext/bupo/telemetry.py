@@ -20,6 +20,7 @@ from verl.utils.device import get_device_name
 from verl_ext.analysis import layer_entropy_profile
 from verl_ext.analysis.decompose import full_head_weight
 from verl_ext.bupo.engine import CHUNK_KEY, FINAL_NORM_KEY
+from verl_ext.fused_head import default_chunk_size
 from verl_ext.slicing import num_layers
 
 METRIC_NAMES = ("layer_entropy", "attn_entropy", "ffn_entropy", "delta_attn", "delta_ffn")
@@ -53,8 +54,8 @@ def layer_entropy_metrics(training_worker, data):
     """Run the profile on ``data`` with the actor engine's module; return DP-averaged scalar metrics."""
     engine = training_worker.engine
     final_norm = bool(tu.get_non_tensor_data(data=data, key=FINAL_NORM_KEY, default=False))
-    chunk = int(tu.get_non_tensor_data(data=data, key=CHUNK_KEY, default=1024))
     device = get_device_name()
+    chunk = int(tu.get_non_tensor_data(data=data, key=CHUNK_KEY, default=0)) or default_chunk_size(device)
     dtype = getattr(engine, "_autocast_dtype", torch.float32)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device, dtype=dtype)
     with engine.eval_mode(), torch.no_grad():

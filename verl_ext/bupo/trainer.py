@@ -86,7 +86,7 @@ class BuPOTrainerSync(PPOTrainerSync):
             {
                 EXIT_LAYER_KEY: layer,
                 FINAL_NORM_KEY: self.bupo.final_norm,
-                CHUNK_KEY: self.bupo.head_chunk_size,
+                CHUNK_KEY: self.bupo.head_chunk_size or 0,
                 DIAGNOSE_KEY: FULL_POLICY,
             }
         )
@@ -171,7 +171,7 @@ class BuPOTrainerSync(PPOTrainerSync):
                 DIAGNOSE_KEY: layer,
                 EXIT_LAYER_KEY: FULL_POLICY,
                 FINAL_NORM_KEY: self.bupo.final_norm,
-                CHUNK_KEY: self.bupo.head_chunk_size,
+                CHUNK_KEY: self.bupo.head_chunk_size or 0,
                 "temperature": self.config.actor_rollout_ref.rollout.temperature,
             }
         )
@@ -181,7 +181,9 @@ class BuPOTrainerSync(PPOTrainerSync):
         sub = self._subsample(batch, self.bupo.layer_entropy_samples)
         if sub is None:
             return {}
-        sub.extra_info.update({FINAL_NORM_KEY: self.bupo.final_norm, CHUNK_KEY: self.bupo.head_chunk_size})
+        sub.extra_info.update(
+            {FINAL_NORM_KEY: self.bupo.final_norm, CHUNK_KEY: self.bupo.head_chunk_size or 0}
+        )
         return reduce_metrics(dict(self.actor_rollout_wg.bupo_layer_entropy(sub)["metrics"]))
 
     # ----------------------------------------------------------------- bupo.internal_layer: auto
