@@ -54,7 +54,7 @@ BUPO = [
 ]
 
 
-def stock_run(out, toy, *overrides, timeout=900):
+def stock_run(out, toy, *overrides, timeout=900, log_name="log.jsonl"):
     cmd = [
         sys.executable, "-m", "verl_ext.cpu.supervise", "--",
         sys.executable, "-m", "verl.trainer.main_ppo",
@@ -65,5 +65,5 @@ def stock_run(out, toy, *overrides, timeout=900):
         *TINY_CPU, *overrides,
     ]  # fmt: skip
     env = cpu_env(VERL_PLATFORM="cpu", VLLM_CPU_KVCACHE_SPACE="1", RAY_AUTH_MODE="disabled")
-    env["VERL_FILE_LOGGER_PATH"] = str(out / "log.jsonl")
+    env["VERL_FILE_LOGGER_PATH"] = str(out / log_name)
     return run_cmd(cmd, env, out, timeout=timeout)

@@ -76,14 +76,24 @@ def bupo_resumed_run(e2e_root, toy_dir, shm_before) -> tuple[Run, Run]:
 
 @pytest.fixture(scope="session")
 def stock_auto_run(e2e_root, toy_dir) -> tuple[Run, dict[int, dict]]:
-    """verl's stock main_ppo with BuPO by overrides: ``internal_layer=auto`` for 2 steps, then GRPO."""
+    """verl's stock main_ppo with BuPO by overrides: ``internal_layer=auto`` for 3 steps, then GRPO.
+
+    Stopped after the step-2 checkpoint and resumed to step 4 (its own log segment each): the
+    resumed part must train the recorded layer at step 3 without measuring again.
+    """
     from _stock import BUPO, stock_run
 
     out = e2e_root / "stock"
-    run = stock_run(
-        out, toy_dir, *BUPO,
-        "+bupo.internal_layer=auto", "+bupo.internal_steps=2", "+bupo.auto_layer_samples=8",
-        "trainer.total_training_steps=3", "trainer.experiment_name=stock_auto",
-    )  # fmt: skip
-    assert run.rc == 0, run.output[-6000:]
-    return run, read_steps(out / "log.jsonl")
+    common = [
+        *BUPO, "+bupo.internal_layer=auto", "+bupo.internal_steps=3", "+bupo.auto_layer_samples=8",
+        "trainer.experiment_name=stock_auto", "trainer.save_freq=2",
+    ]  # fmt: skip
+    first = stock_run(out, toy_dir, *common, "trainer.total_training_steps=2", log_name="log.0.jsonl")
+    assert first.rc == 0, first.output[-6000:]
+    second = stock_run(out, toy_dir, *common, "trainer.total_training_steps=4", log_name="log.1.jsonl")
+    assert second.rc == 0, second.output[-6000:]
+    steps = read_steps(out / "log.0.jsonl")
+    for step, data in read_steps(out / "log.1.jsonl").items():
+        steps.setdefault(step, {}).update(data)
+    run = Run(second.rc, first.output + second.output, out)
+    return run, steps

@@ -77,6 +77,11 @@ class BuPOTrainerSync(PPOTrainerSync):
         self._bupo_last_layer: int | None = None
         logger.info("BuPO schedule: %s", self.bupo.schedule_obj.describe())
 
+    @property
+    def _bupo_chunk(self) -> int:
+        """``bupo.head_chunk_size`` as sent to the workers: 0 = the device's default (null in the config)."""
+        return self.bupo.head_chunk_size or 0
+
     def bupo_exit_layer(self) -> int:
         """0-based exit layer for the current global step, or -1 (full policy)."""
         return self.bupo.schedule_obj.layer_at(max(int(self.global_steps), 1))
@@ -86,7 +91,7 @@ class BuPOTrainerSync(PPOTrainerSync):
             {
                 EXIT_LAYER_KEY: layer,
                 FINAL_NORM_KEY: self.bupo.final_norm,
-                CHUNK_KEY: self.bupo.head_chunk_size or 0,
+                CHUNK_KEY: self._bupo_chunk,
                 DIAGNOSE_KEY: FULL_POLICY,
             }
         )
@@ -171,7 +176,7 @@ class BuPOTrainerSync(PPOTrainerSync):
                 DIAGNOSE_KEY: layer,
                 EXIT_LAYER_KEY: FULL_POLICY,
                 FINAL_NORM_KEY: self.bupo.final_norm,
-                CHUNK_KEY: self.bupo.head_chunk_size or 0,
+                CHUNK_KEY: self._bupo_chunk,
                 "temperature": self.config.actor_rollout_ref.rollout.temperature,
             }
         )
@@ -181,9 +186,7 @@ class BuPOTrainerSync(PPOTrainerSync):
         sub = self._subsample(batch, self.bupo.layer_entropy_samples)
         if sub is None:
             return {}
-        sub.extra_info.update(
-            {FINAL_NORM_KEY: self.bupo.final_norm, CHUNK_KEY: self.bupo.head_chunk_size or 0}
-        )
+        sub.extra_info.update({FINAL_NORM_KEY: self.bupo.final_norm, CHUNK_KEY: self._bupo_chunk})
         return reduce_metrics(dict(self.actor_rollout_wg.bupo_layer_entropy(sub)["metrics"]))
 
     # ----------------------------------------------------------------- bupo.internal_layer: auto
@@ -228,7 +231,7 @@ class BuPOTrainerSync(PPOTrainerSync):
             extra_info={
                 **batch.extra_info,
                 FINAL_NORM_KEY: self.bupo.final_norm,
-                CHUNK_KEY: self.bupo.head_chunk_size,
+                CHUNK_KEY: self._bupo_chunk,
             },
         )
         profile = reduce_metrics(dict(self.actor_rollout_wg.bupo_layer_entropy(sub)["metrics"]))
