@@ -12,7 +12,10 @@ from verl_ext.bupo.runner import keep_resumed_file_logs
 def test_fresh_log_path_per_start(monkeypatch, tmp_path):
     cfg = OmegaConf.create({"trainer": {"project_name": "bupo", "experiment_name": "exp"}})
     monkeypatch.setenv("VERL_FILE_LOGGER_ROOT", str(tmp_path))
-    monkeypatch.delenv("VERL_FILE_LOGGER_PATH", raising=False)
+    # set, then deleted, through monkeypatch: it then restores the variable's original absence even
+    # though keep_resumed_file_logs writes os.environ directly (the path must not leak into later tests)
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", "")
+    monkeypatch.delenv("VERL_FILE_LOGGER_PATH")
     keep_resumed_file_logs(cfg)
 
     first = os.environ["VERL_FILE_LOGGER_PATH"]

@@ -51,8 +51,15 @@ def cpu_env(**extra: str) -> dict[str, str]:
     """This interpreter's environment for a CPU run (its venv first on PATH)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    for key in ("VERL_ENGINE_DEVICE", "VERL_ENGINE_VENDOR", "VERL_PLATFORM"):
-        env.pop(key, None)  # the run scripts set what they need; test shims must not leak in
+    leaked = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for key in (
+        "VERL_ENGINE_DEVICE",
+        "VERL_ENGINE_VENDOR",
+        "VERL_PLATFORM",
+        "VERL_FILE_LOGGER_PATH",
+        *leaked,
+    ):
+        env.pop(key, None)  # the run scripts set what they need; other tests' settings must not leak in
     env.update(extra)
     return env
 

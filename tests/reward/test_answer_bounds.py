@@ -23,7 +23,7 @@ def test_pathological_answers_are_refused(answer):
 
 @pytest.mark.parametrize(
     "answer",
-    ["(x+1)^{1000}", "(x+y+z)^{50}", "\\binom{10^{9}}{10^{5}}", "\\prod_{k=1}^{10^{6}} k"],
+    ["(x+1)^{1000}", "(x+y+z)^{200}", "\\binom{10^{9}}{10^{5}}", "\\prod_{k=1}^{10^{6}} k"],
     ids=["sum-power", "trinomial-power", "binomial", "product"],
 )
 def test_refused_answers_really_run_away(answer):
