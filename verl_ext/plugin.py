@@ -43,9 +43,9 @@ def register() -> bool:
         return True
     try:
         from verl_ext.cpu import activate
-        from verl_ext.cpu.hooks import when_imported
+        from verl_ext.hooks import when_imported
 
-        activate()
+        activate()  # the CPU platform, only with VERL_PLATFORM=cpu (delete verl_ext/cpu/ and this line once verl has one)
         when_imported("verl.trainer.ppo.core_algos", _import_loss)
         when_imported("verl.trainer.ppo.v1", _import_trainer)
     except Exception:

@@ -15,7 +15,7 @@ import logging
 import os
 from types import ModuleType
 
-from verl_ext.cpu.hooks import when_imported
+from verl_ext.hooks import when_imported
 
 logger = logging.getLogger(__name__)
 
