@@ -14,9 +14,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 from _answers import NORMAL, PATHOLOGICAL
+from _graders import grader_processes
 
 from verl_ext import graders, reward
 from verl_ext.reward import compute_score
@@ -26,25 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 CALL_BOUND_S = reward.DEFAULT_QUEUE_WAIT_S + reward.DEFAULT_TIMEOUT_S + graders.GRACE_S + 5.0
 
 
-def _grader_processes() -> list[psutil.Process]:
-    """This process's spawned children (grader processes; not multiprocessing's resource tracker)."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _reward_threads() -> int:
     return sum(t.name == "bupo-reward-thread" for t in threading.enumerate())
 
 
 @pytest.fixture
-def fresh_graders():
-    """A clean grader state before and after the test (no processes, no remembered start failure)."""
+def fresh_graders(monkeypatch):
+    """A clean grader state before and after the test (no processes, no remembered start failure, and
+    the once-per-process warning not yet given, whatever earlier tests did)."""
+    monkeypatch.setattr(graders, "_WARNED", False)
     reward.configure(max_workers=None)
     yield
     reward.configure(max_workers=None)
@@ -135,7 +125,7 @@ def test_grader_killed_mid_call_is_retried(fresh_graders):
     """A grader killed from outside while it grades: the call retries in a new grader and returns the verdict."""
     reward.configure(max_workers=1)
     assert compute_score("warm", "\\boxed{\\frac{4321}{8642}}", "0.5")["score"] == 1.0  # not cached
-    (grader,) = _grader_processes()
+    (grader,) = grader_processes()
     cpu_before = sum(grader.cpu_times()[:2])
     box: dict = {}
     call = threading.Thread(
@@ -152,10 +142,10 @@ def test_grader_killed_mid_call_is_retried(fresh_graders):
     assert not call.is_alive()
     out = box["out"]
     assert out["reason"] == "mismatch" and out["method"] == "math_verify", out
-    survivors = _grader_processes()
+    survivors = grader_processes()
     assert grader.pid not in {p.pid for p in survivors} and len(survivors) <= 1
     reward.shutdown()
-    assert _grader_processes() == []
+    assert grader_processes() == []
 
 
 def test_two_hundred_answers_from_eight_threads(fresh_graders):
@@ -186,9 +176,9 @@ def test_two_hundred_answers_from_eight_threads(fresh_graders):
             assert out["score"] == 0.0 and out["reason"] in ("timeout", "unbounded_answer"), (answer, out)
         else:
             assert out["score"] == score and out["method"] == "math_verify", (answer, out)
-    assert len(_grader_processes()) <= graders.default_workers()  # killed graders were not leaked
+    assert len(grader_processes()) <= graders.default_workers()  # killed graders were not leaked
     reward.shutdown()
-    assert _grader_processes() == []
+    assert grader_processes() == []
 
 
 def test_thread_path_adds_no_thread_when_all_slots_run_away(monkeypatch, fresh_graders):

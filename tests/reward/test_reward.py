@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from _graders import grader_processes
 
 from verl_ext import reward
 from verl_ext.reward import compute_score, last_boxed
@@ -253,21 +254,9 @@ def test_inline_mode_is_bounded_too(monkeypatch):
         reward.configure(max_workers=None)
 
 
-def _grader_processes() -> list:
-    """This process's spawned children (pebble's grader processes; not multiprocessing's resource tracker)."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def test_dead_worker_is_replaced():
     compute_score("s", "\\boxed{\\frac{1}{7}}", "1/7")
-    graders = _grader_processes()
+    graders = grader_processes()
     assert graders
     for p in graders:
         p.kill()
