@@ -7,14 +7,12 @@ import types
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from _stub_trainer import stub_trainer
 from transfer_queue import KVBatchMeta
-from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 
 from verl_ext.bupo import auto_layer
 from verl_ext.bupo.config import BuPOConfig, BuPOConfigError
 from verl_ext.bupo.schedule import AUTO, FULL_POLICY, Schedule, Stage
-from verl_ext.bupo.trainer import BuPOTrainerSync
 
 L = 4
 K_BOUNDARY = 1  # the model of `boundary_model_dir`: FFN explores in paper layers 1..2, converges in 3..4
@@ -188,48 +186,19 @@ class ProfileWorkerGroup:
 
 
 def _stub_trainer(monkeypatch, ckpt_dir, wg, *, layer=AUTO, steps=2, samples=4, update=None):
-    seen = []
+    def on_update(name, batch, metrics):
+        if name == "_update_actor" and update is not None:
+            update(batch.extra_info["bupo_exit_layer"])
 
-    def record(name):
-        def fn(self, batch, metrics):
-            seen.append((name, dict(batch.extra_info)))
-            if name == "_update_actor" and update is not None:
-                update(batch.extra_info["bupo_exit_layer"])
-            return batch
-
-        return fn
-
-    for name in ("_compute_old_log_prob", "_compute_ref_log_prob", "_update_actor"):
-        monkeypatch.setattr(PPOTrainer, name, record(name))
-    t = BuPOTrainerSync.__new__(BuPOTrainerSync)
-    t.config = OmegaConf.create(
-        {
-            "trainer": {
-                "n_gpus_per_node": 1,
-                "nnodes": 1,
-                "resume_mode": "resume_path",
-                "resume_from_path": None,
-                "del_local_ckpt_after_load": False,
-                "default_local_dir": str(ckpt_dir),
-            },
-            "actor_rollout_ref": {"rollout": {"temperature": 1.0}, "model": {"path": "tiny"}},
-        }
+    bupo = {
+        "internal_layer": layer,
+        "internal_steps": steps,
+        "auto_layer_samples": samples,
+        "full_policy_metrics_freq": 0,
+    }
+    return stub_trainer(
+        monkeypatch, bupo=bupo, worker_group=wg, ckpt_dir=ckpt_dir, model_path="tiny", on_call=on_update
     )
-    t.bupo = BuPOConfig.from_dict(
-        {
-            "internal_layer": layer,
-            "internal_steps": steps,
-            "auto_layer_samples": samples,
-            "full_policy_metrics_freq": 0,
-        }
-    )
-    t._bupo_last_layer = None
-    t.actor_rollout_wg = wg
-    t.use_critic = False
-    t.trainer_mode = "sync"
-    t.train_dataloader = None
-    t._seen = seen
-    return t
 
 
 def _step(t, step, n=4):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
+from _stub_trainer import stub_trainer
 from transfer_queue import KVBatchMeta
-from verl.trainer.ppo.v1.trainer_base import PPOTrainer, get_trainer_cls
+from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
 
-from verl_ext.bupo.config import BuPOConfig
 from verl_ext.bupo.trainer import BuPOTrainerSync
 
 S_INTER, LAYER = 30, 5
@@ -31,48 +30,25 @@ class FakeWorkerGroup:
 
 @pytest.fixture
 def trainer(monkeypatch, tmp_path):
-    seen: list[tuple[str, dict]] = []
+    def verl_reports(name, batch, metrics):  # what verl's old-log-prob method reports
+        if name == "_compute_old_log_prob":
+            metrics.update({"actor/entropy": 0.25, "training/rollout_probs_diff_max": 0.9})
 
-    def record(name):
-        def fn(self, batch, metrics):
-            seen.append((name, dict(batch.extra_info)))
-            if name == "_compute_old_log_prob":  # what verl's method reports
-                metrics.update({"actor/entropy": 0.25, "training/rollout_probs_diff_max": 0.9})
-            return batch
-
-        return fn
-
-    for name in ("_compute_old_log_prob", "_compute_ref_log_prob", "_update_actor"):
-        monkeypatch.setattr(PPOTrainer, name, record(name))
-    t = BuPOTrainerSync.__new__(BuPOTrainerSync)
-    t.config = OmegaConf.create(
-        {
-            "trainer": {
-                "n_gpus_per_node": 2,
-                "nnodes": 1,
-                "resume_mode": "resume_path",
-                "resume_from_path": None,
-                "del_local_ckpt_after_load": False,
-                "default_local_dir": str(tmp_path),
-            },
-            "actor_rollout_ref": {"rollout": {"temperature": 0.9}},
-        }
+    bupo = {
+        "internal_layer": LAYER,
+        "internal_steps": S_INTER,
+        "full_policy_metrics_freq": 10,
+        "layer_entropy_freq": 0,
+    }
+    return stub_trainer(
+        monkeypatch,
+        bupo=bupo,
+        worker_group=FakeWorkerGroup(),
+        ckpt_dir=tmp_path,
+        n_gpus=2,
+        temperature=0.9,
+        on_call=verl_reports,
     )
-    t.bupo = BuPOConfig.from_dict(
-        {
-            "internal_layer": LAYER,
-            "internal_steps": S_INTER,
-            "full_policy_metrics_freq": 10,
-            "layer_entropy_freq": 0,
-        }
-    )
-    t._bupo_last_layer = None
-    t.actor_rollout_wg = FakeWorkerGroup()
-    t.use_critic = False
-    t.trainer_mode = "sync"
-    t.train_dataloader = None
-    t._seen = seen
-    return t
 
 
 def _batch(n=8):
