@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from _scripts import composed_config
 from _stub_trainer import stub_trainer
 from transfer_queue import KVBatchMeta
 
@@ -92,27 +93,13 @@ def test_recipe_validation_skips_the_auto_layer_and_rejects_fsdp1():
 
 def test_run_script_composes_with_auto(tmp_path):
     """``bash examples/run_qwen3_4b_bupo.sh bupo.internal_layer=auto --cfg job`` composes and validates."""
-    import os
-    import subprocess
-
-    import yaml
-    from _verl_cpu import RECIPE_CONFIG
 
     from verl_ext.bupo.config import validate_config
     from verl_ext.random_models import make_config
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update(DATA_DIR=str(tmp_path / "data"), N_GPUS="8")
-    proc = subprocess.run(
-        ["bash", "examples/run_qwen3_4b_bupo.sh", "bupo.internal_layer=auto", "--cfg", "job"],
-        cwd=RECIPE_CONFIG.parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    cfg = composed_config(
+        "run_qwen3_4b_bupo.sh", "bupo.internal_layer=auto", DATA_DIR=str(tmp_path / "data"), N_GPUS="8"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
     assert cfg["bupo"]["internal_layer"] == AUTO and cfg["bupo"]["auto_layer_samples"] == 64
     hf = make_config("qwen3", num_hidden_layers=36, vocab_size=128)
     bupo = validate_config(cfg, hf_config=hf, self_test=False)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
+from _scripts import composed_config
 from _verl_cpu import RECIPE_CONFIG
 from hydra import compose, initialize_config_dir
 
@@ -71,18 +69,9 @@ TINY_SCRIPTS = sorted(p.name for p in (REPO / "examples").glob("run_tiny_*_cpu.s
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_script_prints_config(script, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update(DATA_DIR=str(tmp_path / "data"), N_GPUS="4")
-    proc = subprocess.run(
-        ["bash", f"examples/{script}", "trainer.total_training_steps=7", "--cfg", "job"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    cfg = composed_config(
+        script, "trainer.total_training_steps=7", DATA_DIR=str(tmp_path / "data"), N_GPUS="4"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
     assert cfg["trainer"]["total_training_steps"] == 7  # extra arguments reach Hydra
     assert cfg["trainer"]["n_gpus_per_node"] == 4
     assert cfg["data"]["train_files"] == str(tmp_path / "data" / "train.parquet")
@@ -97,14 +86,9 @@ def test_example_script_prints_config(script, tmp_path):
 @pytest.mark.parametrize("script", TINY_SCRIPTS)
 def test_tiny_cpu_script_prints_config(script, tmp_path):
     """The tiny CPU scripts compose the tiny_cpu preset, take Hydra overrides, and with --cfg build nothing."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update(OUT_DIR=str(tmp_path / "out"), TOY_DIR=str(tmp_path / "toy"))
-    proc = subprocess.run(
-        ["bash", f"examples/{script}", "trainer.total_training_steps=5", "--cfg", "job"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
+    cfg = composed_config(
+        script, "trainer.total_training_steps=5", OUT_DIR=str(tmp_path / "out"), TOY_DIR=str(tmp_path / "toy")
+    )
     assert cfg["trainer"]["total_training_steps"] == 5
     assert cfg["actor_rollout_ref"]["model"]["path"] == str(tmp_path / "toy" / "model")
     assert cfg["trainer"]["default_local_dir"] == str(tmp_path / "out" / "ckpt")
