@@ -22,9 +22,32 @@ from verl_ext.random_models import make_model, make_tokenizer  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MATH = REPO_ROOT.parent / "shared" / "data" / "math"
 
+# Tests that start Ray clusters and vLLM servers (many processes, about 8 GB each run). Under
+# ``pytest -n 2`` (the README's command) one worker runs them all, first and one after another, sharing
+# the session's runs; the other worker takes the unit tests meanwhile.
+TRAINING_RUN_TESTS = ("tests/e2e/", "tests/bupo/test_entry_point.py::")
+
 ARCHS = ["qwen3", "qwen2", "llama"]
 # Tolerances per dtype for comparisons against a float32/float64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's ``load`` scheduling, except that the training-run tests form one unit of work.
+
+    (``--dist loadgroup`` would do this with marks, but pytest-xdist 3.8 cannot rename the tests'
+    node ids under pytest 9.2, so its groups are silently ignored.)
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TrainingRunsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "training runs" if nodeid.startswith(TRAINING_RUN_TESTS) else nodeid
+
+    return TrainingRunsTogether(config, log)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -99,15 +99,16 @@ def build(
     Returns:
         ``out_dir`` as a Path.
     """
-    import pandas as pd
-
-    from verl_ext.random_models import make_model, make_tokenizer, save_model_and_tokenizer
-
     out = Path(out_dir)
     manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "arch": arch, "model": MODEL_KWARGS}
     marker = out / "manifest.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == manifest:
-        return out
+        return out  # already built: decided before importing torch (each tiny run asks)
+
+    import pandas as pd
+
+    from verl_ext.random_models import make_model, make_tokenizer, save_model_and_tokenizer
+
     out.mkdir(parents=True, exist_ok=True)
     model = make_model(arch, seed=seed, **MODEL_KWARGS)
     save_model_and_tokenizer(model, out / "model", tokenizer=make_tokenizer(MODEL_KWARGS["vocab_size"]))

@@ -23,6 +23,9 @@ def test_sweep_reports_every_size_and_the_fastest(capsys):
         assert r["chunk_logits_mib"] == round(r["chunk_size"] * 320 * 4 / 2**20, 1)  # tiny vocab: 320
     for mode in ("forward", "update"):
         by_mode = {r["chunk_size"]: r["median_ms"] for r in rows if r["mode"] == mode}
-        assert summary["fastest"][mode] == min(by_mode, key=by_mode.get)
+        # The script picks on unrounded medians; the printed ones are rounded to 0.1 ms and can tie.
+        assert by_mode[summary["fastest"][mode]] == min(by_mode.values())
+        winner = next(r for r in rows if r["mode"] == mode and r["chunk_size"] == summary["fastest"][mode])
+        assert winner["time_vs_fastest"] == 1.0
     assert summary["current_default"] == 256
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(records)  # JSON lines, header first

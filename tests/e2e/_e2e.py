@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
+
+from verl_ext.cpu.supervise import RUN_ID_ENV, shm_entries, shm_holders
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 900
@@ -82,3 +87,30 @@ def read_steps(log) -> dict[int, dict]:
             rec = json.loads(line)
             steps.setdefault(rec["step"], {}).update(rec["data"])
     return steps
+
+
+def _run_id_of(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).environ().get(RUN_ID_ENV)
+    except (psutil.Error, OSError):
+        return None
+
+
+def shm_left(before: set[str], output: str) -> list[str]:
+    """``/dev/shm`` entries new since ``before`` and still there, except those only other processes hold.
+
+    ``output`` is the console output of the supervised run(s), which names their run ids. Under
+    ``pytest -n 2`` the unit tests' worker may hold entries of its own meanwhile (multiprocessing
+    semaphores, a weight-sync buffer); an entry the run leaked is held by nobody, or by a leftover
+    process of the run (which the tests reject on their own too).
+    """
+    ours = set(re.findall(r"supervise: run id (\w+)", output))
+    assert ours, "no supervised run in this output"
+    holders = shm_holders()
+    left = []
+    for name in sorted(shm_entries() - before):
+        pids = holders.get(name, set()) | holders.get(f"{name} (deleted)", set())
+        if pids and not any(_run_id_of(pid) in ours for pid in pids):
+            continue  # another test's, in use
+        left.append(name)
+    return left

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _e2e import Run, cpu_env, read_steps, run_cmd  # noqa: E402
+from _e2e import Run, cpu_env, read_steps, run_cmd, shm_left  # noqa: E402
 
 try:
     import importlib.util
@@ -68,9 +68,7 @@ def bupo_resumed_run(e2e_root, toy_dir, shm_before) -> tuple[Run, Run]:
     part2 = ["trainer.total_training_steps=6", "trainer.val_before_train=false", "bupo.layer_entropy_freq=3"]
     second = run_cmd(script + part2, env, out)
     assert second.rc == 0, second.output[-6000:]
-    from verl_ext.cpu.supervise import shm_entries
-
-    second.extra["shm_left"] = shm_entries() - shm_before  # read at once: later tests may add their own
+    second.extra["shm_left"] = shm_left(shm_before, first.output + second.output)  # read at once
     return first, second
 
 

@@ -69,33 +69,39 @@ def shm_entries() -> set[str]:
         return set()
 
 
-def _held_shm_paths() -> set[str]:
-    held: set[str] = set()
+def shm_holders() -> dict[str, set[int]]:
+    """``/dev/shm`` entry name -> PIDs of the live processes that map it or hold it open.
+
+    An entry unlinked while held shows up under its name with `` (deleted)`` appended.
+    """
+    held: dict[str, set[int]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/maps") as f:
-                held.update(line.split(None, 5)[-1].strip() for line in f if "/dev/shm/" in line)
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/"):
-                    held.add(target)
+                paths = {line.split(None, 5)[-1].strip() for line in f if "/dev/shm/" in line}
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
-            continue
+            continue  # gone, or not ours to read
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, for one)
+                paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        for path in paths:
+            if path.startswith(f"{SHM}/"):
+                held.setdefault(path[len(f"{SHM}/") :], set()).add(int(pid))
     return held
 
 
 def remove_new_shm(before: set[str]) -> list[str]:
     """Delete ``/dev/shm`` entries absent from ``before`` and held by no live process; return their names."""
-    held = _held_shm_paths()
+    held = shm_holders()
     removed = []
     for name in sorted(shm_entries() - before):
-        path = SHM / name
-        if str(path) in held or f"{path} (deleted)" in held:
+        if name in held or f"{name} (deleted)" in held:
             continue
         try:
-            path.unlink()
+            (SHM / name).unlink()
             removed.append(name)
         except OSError:
             pass
