@@ -251,3 +251,38 @@ def test_head_chunk_size_accepts_rows_null_and_auto():
     for bad in (0, -4, 2.5, "big", True):
         with pytest.raises(BuPOConfigError, match="bupo.head_chunk_size must be an integer > 0 or null"):
             BuPOConfig.from_dict({"head_chunk_size": bad})
+
+
+# --------------------------------------------------------------------------------------------------------
+# The entropy profile (telemetry, `auto`) runs on the analysis' architectures only: checked at start-up
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["bupo.layer_entropy_freq=5"], "bupo.layer_entropy_freq=5 (set it to 0)"),
+        (["bupo.internal_layer=auto"], "bupo.internal_layer=auto (set bupo.internal_layer=K by hand)"),
+        (
+            ["bupo.enable=false", "bupo.internal_steps=0", "bupo.layer_entropy_freq=1"],
+            "bupo.layer_entropy_freq=1",
+        ),
+    ],
+    ids=["telemetry", "auto", "grpo-telemetry"],
+)
+def test_profile_on_an_unsupported_architecture_fails_at_start_up(overrides, key):
+    mistral = AutoConfig.for_model("mistral", num_hidden_layers=36)
+    with pytest.raises(BuPOConfigError) as err:
+        validate_config(_cfg(*overrides), hf_config=mistral, self_test=False)
+    assert key in str(err.value)
+    assert "supports model_type qwen2, qwen3, llama only" in str(err.value) and "'mistral'" in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_profile_on_a_supported_architecture_passes(arch):
+    hf_config = AutoConfig.for_model(arch, num_hidden_layers=36)
+    bupo = validate_config(_cfg("bupo.layer_entropy_freq=5"), hf_config=hf_config, self_test=False)
+    assert bupo.layer_entropy_freq == 5
+    validate_config(
+        _cfg("bupo.layer_entropy_freq=0"), hf_config=AutoConfig.for_model("mistral"), self_test=False
+    )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from _stock import BUPO, stock_run
+import yaml
+from _e2e import REPO
+from _stock import BUPO, TINY_CPU, stock_run
 
 
 def test_stock_main_ppo_trains_bupo_with_auto_layer(stock_auto_run):
@@ -34,3 +36,28 @@ def test_stock_main_ppo_rejects_out_of_range_layer(e2e_root, toy_dir):
     assert "bupo.internal_layer=99 is outside the model's range" in run.output
     assert "valid values are 0..3" in run.output
     assert "actor_rollout_init_model" not in run.output  # no worker built a model
+
+
+def test_stock_overrides_are_the_tiny_cpu_preset():
+    """``_stock.TINY_CPU`` writes the ``tiny_cpu`` preset out as overrides of verl's own config (what a
+    team adds to its launch); apart from the run-control keys below, they must not drift from it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    run_control = {
+        "trainer.val_before_train",
+        "trainer.test_freq",
+        "trainer.save_freq",
+        "trainer.project_name",
+    }
+    with initialize_config_dir(config_dir=str(REPO / "recipe" / "bupo" / "config"), version_base=None):
+        preset = compose("bupo_trainer", overrides=["preset=tiny_cpu"])
+    drift = {}
+    for override in TINY_CPU + BUPO:
+        key, value = override.lstrip("+").split("=", 1)
+        got = OmegaConf.select(preset, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        if key not in run_control and got != yaml.safe_load(value):
+            drift[key] = (got, value)
+    assert drift == {}, f"preset value vs override: {drift}"
+    assert len(TINY_CPU) - len(run_control) > 25

@@ -204,6 +204,36 @@ def check_layers(bupo: BuPOConfig, num_layers: int) -> None:
             )
 
 
+def needs_entropy_profile(bupo: BuPOConfig) -> bool:
+    """Whether the run measures the layer/attention/FFN entropy profile (telemetry or ``auto``)."""
+    return bool(bupo.layer_entropy_freq) or bupo.schedule_obj.has_auto
+
+
+def check_profile_architecture(bupo: BuPOConfig, hf_config: Any) -> None:
+    """Reject the entropy profile (``layer_entropy_freq > 0`` or ``internal_layer: auto``) on a model
+    the analysis does not support, at start-up instead of at the first profiled step.
+
+    Args:
+        bupo: the parsed ``bupo`` block.
+        hf_config: the model's Hugging Face config (its ``model_type`` is checked).
+    """
+    from verl_ext.analysis.capture import SUPPORTED_MODEL_TYPES
+
+    model_type = getattr(hf_config, "model_type", None)
+    if not needs_entropy_profile(bupo) or model_type in SUPPORTED_MODEL_TYPES:
+        return
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    uses = []
+    if bupo.layer_entropy_freq:
+        uses.append(f"bupo.layer_entropy_freq={bupo.layer_entropy_freq} (set it to 0)")
+    if bupo.schedule_obj.has_auto:
+        uses.append(f"bupo.internal_layer={AUTO} (set bupo.internal_layer=K by hand)")
+    raise BuPOConfigError(
+        f"{' and '.join(uses)}: the entropy profile supports model_type {supported} only, and "
+        f"actor_rollout_ref.model.path is model_type={model_type!r}"
+    )
+
+
 def check_enabled_has_phase1(bupo: BuPOConfig) -> None:
     """Reject ``enable: true`` without a single internal-policy step (it would silently train plain GRPO)."""
     if bupo.enable and not bupo.phase1_active:
@@ -411,8 +441,8 @@ def validate_config(config: Any, hf_config: Any = None, self_test: bool = True) 
     bupo = BuPOConfig.from_dict(_get(config, "bupo"))
     check_verl_config(config, bupo)
     check_enabled_has_phase1(bupo)
-    if not set_layers(bupo) and not bupo.phase1_active:  # nothing to check on the model
-        return bupo
+    if not set_layers(bupo) and not bupo.phase1_active and not needs_entropy_profile(bupo):
+        return bupo  # nothing to check on the model
     if hf_config is None:
         try:
             hf_config = load_hf_config(config)
@@ -422,6 +452,7 @@ def validate_config(config: Any, hf_config: Any = None, self_test: bool = True) 
             )
             return bupo
     check_layers(bupo, int(hf_config.num_hidden_layers))
+    check_profile_architecture(bupo, hf_config)
     if self_test and bupo.phase1_active:
         architecture_self_test(hf_config)
     return bupo
