@@ -10,9 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
-from verl_ext.cpu.supervise import RUN_ID_ENV, shm_entries, shm_holders
+from verl_ext.cpu.supervise import processes_of_run, shm_entries, shm_holders
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 900
@@ -89,13 +87,6 @@ def read_steps(log) -> dict[int, dict]:
     return steps
 
 
-def _run_id_of(pid: int) -> str | None:
-    try:
-        return psutil.Process(pid).environ().get(RUN_ID_ENV)
-    except (psutil.Error, OSError):
-        return None
-
-
 def shm_left(before: set[str], output: str) -> list[str]:
     """``/dev/shm`` entries new since ``before`` and still there, except those only other processes hold.
 
@@ -104,13 +95,12 @@ def shm_left(before: set[str], output: str) -> list[str]:
     semaphores, a weight-sync buffer); an entry the run leaked is held by nobody, or by a leftover
     process of the run (which the tests reject on their own too).
     """
-    ours = set(re.findall(r"supervise: run id (\w+)", output))
-    assert ours, "no supervised run in this output"
+    run_ids = re.findall(r"supervise: run id (\w+)", output)
+    assert run_ids, "no supervised run in this output"
+    ours = {p.pid for run_id in run_ids for p in processes_of_run(run_id)}
     holders = shm_holders()
-    left = []
-    for name in sorted(shm_entries() - before):
-        pids = holders.get(name, set()) | holders.get(f"{name} (deleted)", set())
-        if pids and not any(_run_id_of(pid) in ours for pid in pids):
-            continue  # another test's, in use
-        left.append(name)
-    return left
+    return [
+        name
+        for name in sorted(shm_entries() - before)
+        if name not in holders or holders[name] & ours  # held only by others: another test's, in use
+    ]

@@ -6,10 +6,9 @@ import re
 import time
 from pathlib import Path
 
-import psutil
 from _e2e import cpu_env, run_cmd, shm_left
 
-from verl_ext.cpu.supervise import RUN_ID_ENV, shm_entries
+from verl_ext.cpu.supervise import processes_of_run, shm_entries
 
 HERE = Path(__file__).parent
 LIMIT_S = 480  # the supervisor's own limit: a hang would end as exit 124, which the test rejects
@@ -37,9 +36,5 @@ def test_weight_sync_failure_in_vllm_worker_ends_the_run(e2e_root, toy_dir):
     assert "weight sync to vLLM: no answer from the vLLM worker within" in run.output
     m = re.search(r"supervise: run id (\w+), temporary folder (\S+)", run.output)
     assert m and not Path(m.group(2)).exists()
-    for proc in psutil.process_iter():
-        try:
-            assert proc.environ().get(RUN_ID_ENV) != m.group(1), f"leftover process {proc.name()}"
-        except (psutil.Error, OSError):
-            continue
+    assert processes_of_run(m.group(1)) == [], "leftover processes"
     assert not left_in_shm, f"left in /dev/shm: {sorted(left_in_shm)}"

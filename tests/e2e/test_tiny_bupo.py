@@ -136,21 +136,14 @@ def test_console_shows_bupo_progress(bupo_resumed_run):
 @pytest.mark.parametrize("part", [0, 1])
 def test_nothing_left_behind(bupo_resumed_run, part):
     """No process, temporary folder (Ray session, sockets) or /dev/shm segment of the run outlives it."""
-    import psutil
-
-    from verl_ext.cpu.supervise import RUN_ID_ENV
+    from verl_ext.cpu.supervise import processes_of_run
 
     run = bupo_resumed_run[part]
     m = re.search(r"supervise: run id (\w+), temporary folder (\S+)", run.output)
     assert m and "supervise: exit status 0" in run.output
     run_id, tmp = m.group(1), m.group(2)
     assert not os.path.exists(tmp)
-    for proc in psutil.process_iter():
-        try:
-            env = proc.environ()
-        except (psutil.Error, OSError):
-            continue
-        assert env.get(RUN_ID_ENV) != run_id, f"leftover process {proc.name()}"
+    assert processes_of_run(run_id) == [], "leftover processes"
     assert not bupo_resumed_run[1].extra["shm_left"], (
         f"left in /dev/shm: {bupo_resumed_run[1].extra['shm_left']}"
     )

@@ -72,7 +72,8 @@ def shm_entries() -> set[str]:
 def shm_holders() -> dict[str, set[int]]:
     """``/dev/shm`` entry name -> PIDs of the live processes that map it or hold it open.
 
-    An entry unlinked while held shows up under its name with `` (deleted)`` appended.
+    An entry unlinked while held counts under its name (``/proc`` shows it with `` (deleted)``
+    appended), so a file created again under that name counts as held too.
     """
     held: dict[str, set[int]] = {}
     for pid in os.listdir("/proc"):
@@ -89,7 +90,8 @@ def shm_holders() -> dict[str, set[int]]:
                 paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
         for path in paths:
             if path.startswith(f"{SHM}/"):
-                held.setdefault(path[len(f"{SHM}/") :], set()).add(int(pid))
+                name = path[len(f"{SHM}/") :].removesuffix(" (deleted)")
+                held.setdefault(name, set()).add(int(pid))
     return held
 
 
@@ -98,7 +100,7 @@ def remove_new_shm(before: set[str]) -> list[str]:
     held = shm_holders()
     removed = []
     for name in sorted(shm_entries() - before):
-        if name in held or f"{name} (deleted)" in held:
+        if name in held:
             continue
         try:
             (SHM / name).unlink()
